@@ -1,0 +1,336 @@
+"""Typed pipeline configuration: dataclasses loaded from YAML, ``--set a.b=c`` overrides.
+
+One :class:`PipelineConfig` holds a section per concern (storage, data, model, train, tune,
+mlflow, registry, infer, ray). Loading is strict: an unknown key is rejected with its dotted
+path, a value of the wrong type is rejected with the expected type, and both errors say how to
+fix them. Every task receives the whole resolved config; it is saved beside outputs and logged
+to MLflow as YAML (:func:`to_yaml`).
+
+Secrets never live here: S3 credentials come from the standard AWS environment / profiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StorageConfig:
+    """Where datasets, checkpoints, predictions and run records live.
+
+    ``uri`` is ``file://PATH`` (relative paths resolve against the working directory),
+    a plain local path, or ``s3://bucket/prefix``. For S3-compatible endpoints set
+    ``s3_endpoint_url`` here or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` in the environment.
+    """
+
+    uri: str = "file://./artifacts"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_force_path_style: bool = True
+    retries: int = 5  # attempts for transient storage errors (exponential backoff)
+    retry_backoff_s: float = 0.25  # first backoff; doubles per attempt, with jitter
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (torchvision.transforms.v2); eval uses only resize+normalize."""
+
+    random_crop_padding: int = 0  # pad then random-crop back to the image size (0 = off)
+    random_resized_crop: bool = False  # RandomResizedCrop(scale=crop_scale) instead of padded crop
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: float = 0.0  # probability of a horizontal flip
+    auto_augment: str | None = None  # None | "trivial" | "randaugment"
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    mean: tuple[float, ...] = (0.2860,)
+    std: tuple[float, ...] = (0.3530,)
+
+
+@dataclass
+class DataConfig:
+    """The dataset version to prepare and stream."""
+
+    name: str = "fashion-mnist"  # dataset name under <storage>/datasets/<name>/
+    source: str = "fashion-mnist"  # "fashion-mnist" or the URI of an ImageFolder root
+    source_dir: str | None = None  # folder with the Fashion-MNIST idx files (auto-detected if None)
+    strict: bool = False  # fail (listing them) instead of skipping invalid images
+    channels: int = 1  # 1 (L) or 3 (RGB): every image is converted deliberately to this
+    image_size: int | None = None  # resize to this square size at prepare time (None = keep)
+    val_fraction: float = 0.1  # carved from train when the source has no val split
+    test_fraction: float = 0.1  # carved from train when the source has no test split
+    split_seed: int = 0
+    shard_rows: int = 10000  # maximum rows per Parquet shard
+    shard_max_bytes: int = 64 * 2**20  # ... and at most about this many encoded bytes per shard
+    max_image_pixels: int = 50_000_000  # decompression-bomb guard
+    alpha_background: int = 255  # gray level that transparent pixels are composited onto
+    version: str | None = None  # dataset version to stream/evaluate (None = newest complete one)
+    equal_shards: bool = True  # every train worker gets the same row count per epoch (DDP-safe);
+    # drops at most world_size-1 rows per epoch. False = every row exactly once, uneven counts.
+    shuffle: bool = True  # full random shuffle of the train split each epoch, seeded by (seed, epoch)
+    read_threads: int = 8  # parallel reads/decodes while preparing (S3 latency)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Which ViT to build: a named size plus optional overrides of any ViTConfig field."""
+
+    name: str = "vit_tiny_patch4"
+    img_size: int | None = None  # default: the dataset's image size
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    global_pool: str | None = None
+    pretrained: str | None = None  # directory/file for vit_model.from_pretrained
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128  # global batch size, split across workers
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    ema_decay: float = 0.0  # 0 = off
+    clip_grad_norm: float | None = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only)
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool | None = None  # None = use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int = 2  # N best by val accuracy, plus the latest
+    max_failures: int = 2
+    run_name: str | None = None  # resubmitting with the same name resumes the run
+    limit_train_batches: int | None = None  # for smoke tests
+    limit_val_batches: int | None = None
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 4
+    search: str = "random"  # random | optuna
+    metric: str = "val_acc"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent_trials: int | None = None  # None = derived from cluster resources
+    space: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str | None = None  # None = sqlite file under the storage folder
+    experiment_name: str = "vit"
+    registry_uri: str | None = None
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "vit-fashion-mnist"
+    metric: str = "test_acc"
+    margin: float = 0.0  # candidate must beat the champion by more than this
+
+
+@dataclass
+class InferConfig:
+    input: str | None = None  # dataset version URI or a prefix of raw images
+    model_uri: str | None = None  # models:/NAME@alias or models:/NAME/VERSION
+    batch_size: int = 256
+    num_actors: int = 1
+    use_gpu: bool = False
+    top_k: int = 3
+    job_name: str | None = None
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None = RAY_ADDRESS or a local cluster
+    num_cpus: int | None = None  # only for a local cluster started by the pipeline
+
+
+@dataclass
+class PipelineConfig:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load ``path`` (YAML) onto the defaults, then apply ``key=value`` overrides in order."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first}); fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(PipelineConfig, raw)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. --set train.epochs=3)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key; use a dotted key such as train.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    where = prefix or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key!r} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(args[0], v, key) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    raise ConfigError(f"config key {key!r} has an unsupported type {tp!r}")  # pragma: no cover
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML-safe dict of a config (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,352 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) in one readable file.
+
+An image (B, C, H, W) is cut into P×P patches; a convolution with kernel = stride = P is exactly a
+shared linear projection of each flattened patch. A class token (and optional register tokens)
+is prepended, position embeddings are added, pre-norm transformer blocks follow, and a head
+classifies the pooled token. State-dict keys are timm's ``VisionTransformer`` keys, so timm
+weights load as the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ViTConfig
+from .surgery import resample_pos_embed, sincos_pos_embed_2d
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H/P, W/P, D): one linear projection per non-overlapping P×P patch."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        p = self.patch_size
+        if c != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got shape {tuple(x.shape)}; "
+                f"convert the images or adapt the model with in_chans={c}"
+            )
+        if h < p or w < p:
+            raise ValueError(f"input of shape {tuple(x.shape)} is smaller than one {p}x{p} patch")
+        if h % p or w % p:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}: height {h} and width {w} must be divisible by patch size {p}; "
+                f"resize or pad to a multiple of {p}"
+            )
+        x = self.proj(x)  # (B, C, H, W) -> (B, D, H/P, W/P)
+        return x.permute(0, 2, 3, 1)  # (B, D, h, w) -> (B, h, w, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused = cfg.fused_attn
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(cfg.attn_drop_rate)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.proj_drop = nn.Dropout(cfg.proj_drop_rate)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3*D) -> (B, N, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # -> 3 x (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = None
+        if self.fused and not return_attention:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, Dh) @ (B, H, Dh, N) -> (B, H, N, N)
+            attn = attn.softmax(dim=-1)
+            x = self.attn_drop(attn) @ v  # (B, H, N, N) @ (B, H, N, Dh) -> (B, H, N, Dh)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, Dh) -> (B, N, D)
+        x = self.proj_drop(self.proj(x))
+        return (x, attn) if return_attention else x
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)  # (B, N, D) -> (B, N, D*r)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(cfg.proj_drop_rate)
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)  # (B, N, D*r) -> (B, N, D)
+        self.drop2 = nn.Dropout(cfg.proj_drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float):
+        super().__init__()
+        ls = cfg.init_values
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ls1 = LayerScale(cfg.embed_dim, ls) if ls is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg)
+        self.ls2 = LayerScale(cfg.embed_dim, ls) if ls is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+        else:
+            y, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, attn) if return_attention else x
+
+
+class VisionTransformer(nn.Module):
+    """The ViT. ``VisionTransformer(ViTConfig(...))``; keys and behaviour match timm's."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
+        grid = cfg.grid_size
+        embed_len = grid[0] * grid[1] + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+        if cfg.pos_embed == "none":
+            self.pos_embed = None
+        elif cfg.pos_embed == "sincos":
+            n_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(D, grid, n_prefix), requires_grad=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, D))
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ---------------------------------------------------------------- init and contract helpers
+    def init_weights(self) -> None:
+        if self.pos_embed is not None and self.pos_embed.requires_grad:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight  # patch projection initialised like a linear layer (MAE)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head (new random weights) for ``num_classes`` classes."""
+        cfg = self.cfg.replace(num_classes=num_classes, global_pool=global_pool if global_pool is not None else self.cfg.global_pool)
+        self.cfg, self.num_classes, self.global_pool = cfg, num_classes, cfg.global_pool
+        self.head = nn.Linear(cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        self.head.to(self.patch_embed.proj.weight.device)
+
+    # ---------------------------------------------------------------------------- forward path
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        if self.pos_embed is None:
+            return None
+        cfg = self.cfg
+        if grid == cfg.grid_size:
+            return self.pos_embed
+        n_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+        if cfg.pos_embed == "sincos":  # exact for any grid, no interpolation needed
+            return sincos_pos_embed_2d(cfg.embed_dim, grid, n_prefix).to(self.pos_embed)
+        return resample_pos_embed(self.pos_embed, grid, cfg.grid_size, num_prefix_tokens=n_prefix)
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.patch_embed(x)  # (B, C, H, W) -> (B, h, w, D)
+        B, h, w, D = x.shape
+        x = x.reshape(B, h * w, D)  # (B, h, w, D) -> (B, N, D)
+        pos = self._pos_embed_for((h, w))
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        if self.cfg.no_embed_class:  # position embeddings cover patches only: add, then prepend
+            x = x + pos if pos is not None else x
+            x = torch.cat(prefix + [x], dim=1) if prefix else x
+        else:  # original ViT: prepend, then add (the class token has a position too)
+            x = torch.cat(prefix + [x], dim=1) if prefix else x  # (B, N, D) -> (B, prefix + N, D)
+            x = x + pos if pos is not None else x
+        return self.pos_drop(x), (h, w)
+
+    def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor, return_attention: bool = False):
+        """Images -> normalised tokens (B, prefix + N, D); with ``return_attention`` also the
+        per-layer attention maps [(B, heads, T, T)] computed on the eager path for this call."""
+        x, _ = self._embed(x)
+        maps = []
+        for block in self.blocks:
+            if return_attention:
+                x, attn = block(x, return_attention=True)
+                maps.append(attn)
+            else:
+                x = self._run_block(block, x)
+        x = self.norm(x)
+        return (x, maps) if return_attention else x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, T, D) -> (B, D)
+        if self.global_pool == "token":
+            return x[:, 0]  # the class token
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.fc_norm(self.pool(x))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            feats, maps = self.forward_features(x, return_attention=True)
+            return self.forward_head(feats), maps
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Outputs of selected blocks (timm's contract).
+
+        ``indices``: an int n takes the last n blocks, a sequence takes those block indices
+        (negative allowed); None takes all. Intermediates are (B, D, h, w) for ``NCHW`` or
+        (B, N, D) for ``NLC``; with ``return_prefix_tokens`` each is (spatial, prefix).
+        Returns the list alone with ``intermediates_only``, else (final tokens, list).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i if i >= 0 else depth + i for i in indices]
+        if any(i < 0 or i >= depth for i in take):
+            raise ValueError(f"block indices {indices} out of range for depth {depth}")
+        x, (h, w) = self._embed(x)
+        B = x.shape[0]
+        last = max(take) if stop_early else depth - 1
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = self._run_block(block, x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                prefix, spatial = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
+                if output_fmt == "NCHW":
+                    spatial = spatial.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, N, D) -> (B, D, h, w)
+                intermediates.append((spatial, prefix) if return_prefix_tokens else spatial)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    # ------------------------------------------------------------------------------- weights
+    def save_pretrained(self, directory, meta: dict | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (see :mod:`vit_model.weights`)."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, directory, meta=meta)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def flops_per_image(cfg: ViTConfig, img_hw: tuple[int, int] | None = None) -> float:
+    """Forward multiply-adds x2 per image (matmuls only; attention included), for MFU."""
+    h, w = img_hw or cfg.img_hw
+    n = (h // cfg.patch_size) * (w // cfg.patch_size)
+    t = n + cfg.num_prefix_tokens
+    D, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    patch = n * cfg.in_chans * cfg.patch_size**2 * D
+    per_block = t * D * 3 * D + 2 * t * t * D + t * D * D + 2 * t * D * hidden
+    head = D * cfg.num_classes
+    return 2.0 * (patch + cfg.depth * per_block + head)

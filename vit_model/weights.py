@@ -1,0 +1,209 @@
+"""Weights I/O: ``config.json`` + ``model.safetensors``; loading foreign checkpoints safely.
+
+Weights are data that carry what is needed to use them: the architecture (``config``) and, in
+``meta``, anything the caller wants to keep with them (preprocessing, class names, provenance).
+
+Nothing here unpickles code. ``.safetensors`` files are plain tensors; legacy ``.pth/.bin`` files
+are read only with ``torch.load(weights_only=True)``, and a file whose pickle references anything
+but tensors is refused with :class:`UnsafeCheckpointError` before any of it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ViTConfig
+from .convert import detect_format, hf_config_to_vit, hf_to_timm, infer_config, to_timm
+from .model import VisionTransformer
+from .surgery import adapt_input_conv, resample_pos_embed
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "vit_model"
+FORMAT_VERSION = 1
+HUB_PREFIX = "hf-hub:"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint needs arbitrary unpickling to load; it was not executed."""
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: VisionTransformer, directory: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` then ``config.json`` (each atomically; config last, so a
+    directory with a config.json always has matching weights)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_dict(), "meta": dict(meta or {})}
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    return out
+
+
+# ------------------------------------------------------------------------------ loading files
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, or from a pickle-based ``.pth/.pt/.bin`` file read
+    with ``weights_only=True``. Wrapper dicts (``{"model": ...}``, ``{"state_dict": ...}``) and
+    DDP ``module.`` prefixes are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        sd: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "disallowed content"
+            raise UnsafeCheckpointError(
+                f"refusing to load {str(path)!r}: it needs unpickling beyond plain tensors ({first}); "
+                f"it was not executed. Convert it to .safetensors in a trusted environment."
+            ) from None
+    for wrapper in ("model", "state_dict", "model_state", "module"):
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{str(path)!r} does not hold a flat state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd
+
+
+# ------------------------------------------------------------------------------ adapting
+
+
+def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], src: ViTConfig, dst: ViTConfig) -> dict[str, torch.Tensor]:
+    """Weights of architecture ``src`` made to fit ``dst`` which differs only in image size,
+    input channels or number of classes: position embeddings resampled, the patch kernel adapted,
+    the head dropped (to be initialised fresh) when the class count changes."""
+    structural = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token", "reg_tokens", "no_embed_class", "pos_embed")
+    for name in structural:
+        if getattr(src, name) != getattr(dst, name):
+            raise ValueError(f"cannot adapt weights: {name} differs ({getattr(src, name)} vs {getattr(dst, name)})")
+    sd = dict(state_dict)
+    if src.grid_size != dst.grid_size and "pos_embed" in sd:
+        n_prefix = 0 if src.no_embed_class else src.num_prefix_tokens
+        if dst.pos_embed == "sincos":
+            sd.pop("pos_embed")  # recomputed exactly by the model for the new grid
+        else:
+            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], dst.grid_size, src.grid_size, n_prefix)
+    if src.in_chans != dst.in_chans:
+        sd["patch_embed.proj.weight"] = adapt_input_conv(sd["patch_embed.proj.weight"], dst.in_chans)
+    if src.num_classes != dst.num_classes:
+        sd.pop("head.weight", None)
+        sd.pop("head.bias", None)
+    return sd
+
+
+def build_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], src: ViTConfig, dst: ViTConfig | None = None
+) -> VisionTransformer:
+    """A model of architecture ``dst`` (default ``src``) holding ``state_dict`` (timm keys)."""
+    dst = dst or src
+    sd = adapt_state_dict(state_dict, src, dst)
+    model = VisionTransformer(dst)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    allowed_missing = set()
+    if src.num_classes != dst.num_classes:
+        allowed_missing |= {"head.weight", "head.bias"}
+    if dst.pos_embed == "sincos":
+        allowed_missing.add("pos_embed")
+    bad_missing = sorted(set(missing) - allowed_missing)
+    if bad_missing or unexpected:
+        raise ValueError(f"weights do not match the architecture: missing {bad_missing[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model
+
+
+# ------------------------------------------------------------------------------ from_pretrained
+
+
+def _resolve_hub(ref: str) -> Path:
+    repo_id = ref[len(HUB_PREFIX):]
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - optional dependency
+        raise ImportError(f"loading {ref!r} needs huggingface_hub: pip install 'vit-pipeline[hub]'") from None
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ViTConfig | None, dict[str, Any]]:
+    """(timm-keyed state dict, its config if known, meta) from any supported source."""
+    ref = str(path)
+    p = _resolve_hub(ref) if ref.startswith(HUB_PREFIX) else Path(ref)
+    if p.is_dir():
+        cfg_file = p / CONFIG_NAME
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{str(p)!r} has no {CONFIG_NAME}; pass a weights file or a saved model directory")
+        doc = json.loads(cfg_file.read_text())
+        if doc.get("format") == FORMAT:
+            return load_state_dict(p / WEIGHTS_NAME), ViTConfig.from_dict(doc["config"]), doc.get("meta", {})
+        if doc.get("model_type") == "vit":  # a Hugging Face save_pretrained directory
+            weights = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()), None)
+            if weights is None:
+                raise FileNotFoundError(f"Hugging Face directory {str(p)!r} has no model.safetensors or pytorch_model.bin")
+            sd = hf_to_timm(load_state_dict(weights))
+            cfg = hf_config_to_vit(doc)
+            if "head.weight" not in sd:
+                cfg = cfg.replace(num_classes=0)
+            labels = doc.get("id2label") or {}
+            meta = {"class_names": [labels[k] for k in sorted(labels, key=int)]} if labels and "head.weight" in sd else {}
+            return sd, cfg, meta
+        raise ValueError(f"{str(cfg_file)!r} is neither a vit_model nor a Hugging Face ViT config")
+    sd = load_state_dict(p)
+    fmt = detect_format(sd)
+    sd = to_timm(sd)
+    return sd, None, {"source_format": fmt}
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    config: ViTConfig | None = None,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    in_chans: int | None = None,
+    return_meta: bool = False,
+    **config_overrides: Any,
+):
+    """Load a ViT from a saved directory, a Hugging Face directory, a weights file (timm,
+    torchvision or HF keys) or ``hf-hub:org/name``, adapted to ``num_classes``/``img_size``/
+    ``in_chans`` when given.
+
+    For bare weights files the architecture is inferred from tensor shapes; pass ``config`` or
+    ``num_heads=`` when the width is not in the size table. Other keyword arguments override
+    non-structural config fields (e.g. ``drop_path_rate=0.1``).
+    """
+    sd, src_cfg, meta = read_pretrained(path)
+    if config is not None:
+        src_cfg = config
+    if src_cfg is None:
+        src_cfg = infer_config(sd, num_heads=config_overrides.pop("num_heads", None))
+    changes = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans).items() if v is not None}
+    dst_cfg = src_cfg.replace(**changes, **config_overrides)
+    model = build_from_state_dict(sd, src_cfg, dst_cfg)
+    return (model, meta) if return_meta else model
