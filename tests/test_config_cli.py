@@ -1,0 +1,92 @@
+"""Typed config loading, overrides and the CLI's error contract (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import PipelineConfig, flatten, load_config, to_dict, to_yaml
+from pipelines.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_yaml_and_overrides(tmp_path):
+    path = _write(tmp_path, "train:\n  epochs: 3\n  lr: 0.002\ndata:\n  augment:\n    mean: [0.5]\n")
+    cfg = load_config(path, ["train.epochs=7", "storage.uri=s3://bucket/x", "model.drop_path_rate=0.1",
+                             "train.clip_grad_norm=null"])
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.train.epochs == 7 and cfg.train.lr == 0.002
+    assert cfg.storage.uri == "s3://bucket/x"
+    assert cfg.model.drop_path_rate == 0.1
+    assert cfg.train.clip_grad_norm is None
+    assert cfg.data.augment.mean == (0.5,)
+    assert cfg.train.batch_size == PipelineConfig().train.batch_size
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["tune.space={lr: [0.001, 0.01]}", "data.augment.crop_scale=[0.5, 1.0]"])
+    again = load_config(_write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+    assert flatten(to_dict(cfg))["tune.space.lr"] == [0.001, 0.01]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("train:\n  epocs: 3\n", [], r"unknown config key 'train.epocs'; valid keys here: .*epochs"),
+        ("trian: {}\n", [], r"unknown config key 'trian'"),
+        ("", ["train.epochs=three"], r"config key 'train.epochs' must be an integer, got 'three'"),
+        ("", ["train.lr=true"], r"config key 'train.lr' must be a number, got True"),
+        ("", ["data.strict=1"], r"config key 'data.strict' must be true or false, got 1"),
+        ("", ["data.augment.crop_scale=[1]"], r"config key 'data.augment.crop_scale' must have 2 items"),
+        ("", ["train.epochs"], r"override 'train.epochs' is not of the form key=value"),
+        ("", ["train.epochs.x=1"], r"config key 'train.epochs' must be an integer, got \{'x': 1\}"),
+        ("train: [1, 2]\n", [], r"train must be a mapping"),
+        ("- a\n", [], r"must hold a mapping of sections, got list"),
+        ("train: {epochs: 1\n", [], r"is not valid YAML"),
+    ],
+)
+def test_bad_config_errors_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text), overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path):
+    path = _write(tmp_path, "train:\n  epocs: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "train", "--config", str(path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: unknown config key 'train.epocs'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_lists_tasks():
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for task in ("prepare", "train", "tune", "evaluate", "register", "infer", "run"):
+        assert task in proc.stdout
+
+
+def test_config_files_in_repo_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict) and "space" not in data and "tune_space" not in data:
+            load_config(path)
