@@ -1,0 +1,170 @@
+"""MLflow tracking: where runs go, one run per training, and what each run records.
+
+Everything goes through an explicit ``MlflowClient`` and run id (no fluent global run state), so
+the driver can create the run, the rank-0 worker can log epochs into it, and a restarted worker
+group or a resubmitted run keeps logging into the same run instead of opening a duplicate.
+
+Tracking URI, in order: ``mlflow.tracking_uri`` in the config, ``MLFLOW_TRACKING_URI``, else a
+sqlite file beside the local storage folder (``<storage>/mlflow.db``; for ``s3://`` storage,
+``./artifacts/mlflow.db``). On a multi-node cluster use an ``mlflow server`` URL: a sqlite file
+on the driver is not visible to workers on other nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .config import PipelineConfig, flatten, to_dict, to_yaml
+
+RUN_NAME_TAG = "pipeline.run_name"
+TASK_TAG = "pipeline.task"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
+
+
+def resolve_tracking_uri(cfg: PipelineConfig) -> str:
+    """The tracking URI for this config (see module docstring)."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    from .storage import local_path
+
+    root = local_path(cfg.storage.uri) or os.path.abspath("artifacts")
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def artifact_location(cfg: PipelineConfig) -> str | None:
+    """Artifact root for experiments this pipeline creates: ``<storage>/mlflow-artifacts``.
+
+    Only used with a sqlite/file store (a tracking server decides its own artifact root)."""
+    uri = resolve_tracking_uri(cfg)
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    from .storage import join_uri, local_path
+
+    local = local_path(cfg.storage.uri)
+    if local is not None:
+        return Path(local, "mlflow-artifacts").as_uri()
+    return join_uri(cfg.storage.uri, "mlflow-artifacts")
+
+
+def client(cfg: PipelineConfig):
+    """An ``MlflowClient`` for the configured tracking and registry URIs."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(cfg), registry_uri=cfg.mlflow.registry_uri or None)
+
+
+def experiment_id(cfg: PipelineConfig, mlflow_client=None) -> str:
+    """Id of ``mlflow.experiment_name``, created (with our artifact location) if missing."""
+    c = mlflow_client or client(cfg)
+    exp = c.get_experiment_by_name(cfg.mlflow.experiment_name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(cfg.mlflow.experiment_name, artifact_location=artifact_location(cfg))
+    except Exception:  # created concurrently by another process
+        exp = c.get_experiment_by_name(cfg.mlflow.experiment_name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(cfg: PipelineConfig, run_name: str, task: str, parent_run_id: str | None = None, mlflow_client=None):
+    """The existing run with this pipeline run name and task, or None."""
+    c = mlflow_client or client(cfg)
+    filt = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{TASK_TAG}` = '{task}'"
+    if parent_run_id:
+        filt += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    runs = c.search_runs([experiment_id(cfg, c)], filter_string=filt, max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def start_or_resume_run(
+    cfg: PipelineConfig, run_name: str, task: str, tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None, mlflow_client=None,
+) -> tuple[str, bool]:
+    """(run id, resumed): reuses the run of an earlier attempt with the same name, else creates one.
+
+    Resubmitting a run with the same name therefore never duplicates its MLflow run."""
+    c = mlflow_client or client(cfg)
+    existing = find_run(cfg, run_name, task, parent_run_id, c)
+    if existing is not None:
+        run_id = existing.info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id, True
+    all_tags = {RUN_NAME_TAG: run_name, TASK_TAG: task, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(experiment_id(cfg, c), tags=all_tags, run_name=run_name)
+    return run.info.run_id, False
+
+
+def log_config(mlflow_client, run_id: str, cfg: PipelineConfig, sections: Iterable[str] | None = None) -> None:
+    """The resolved config as params (dotted keys) and as ``config.yaml``. Params already logged
+    by an earlier attempt of the same run are skipped (MLflow params are immutable)."""
+    from mlflow.entities import Param
+
+    existing = mlflow_client.get_run(run_id).data.params
+    flat = flatten(to_dict(cfg))
+    if sections is not None:
+        keep = tuple(f"{s}." for s in sections)
+        flat = {k: v for k, v in flat.items() if k.startswith(keep)}
+    params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flat.items()) if k not in existing]
+    for i in range(0, len(params), 100):
+        mlflow_client.log_batch(run_id, params=params[i:i + 100])
+    log_text(mlflow_client, run_id, to_yaml(cfg), "config.yaml")
+
+
+def log_text(mlflow_client, run_id: str, text: str, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, Path(artifact_file).name)
+        path.write_text(text)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_json(mlflow_client, run_id: str, obj: Any, artifact_file: str) -> None:
+    log_text(mlflow_client, run_id, json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """Numeric entries of ``metrics`` at ``step`` (one batch call)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if batch:
+        mlflow_client.log_batch(run_id, metrics=batch)
+
+
+def log_dataset_input(mlflow_client, run_id: str, *, name: str, digest: str, source_uri: str,
+                      context: str = "training", profile: Mapping[str, Any] | None = None) -> None:
+    """The dataset version as an MLflow dataset input (name, manifest digest, storage URI)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        source = resolve_dataset_source(source_uri)
+    except Exception:  # no registered source for this scheme: keep the URI as an opaque source
+        source = HTTPDatasetSource(url=source_uri)
+    ds = MetaDataset(source=source, name=name, digest=digest[:36])
+    entity = ds._to_mlflow_entity()
+    if profile:
+        entity.profile = json.dumps(profile)
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
+    mlflow_client.set_terminated(run_id, status=status)
