@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .config import load_config
@@ -52,6 +53,10 @@ def _task_module(name: str, required: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray reads this when it is imported; with the 127.0.0.1 node address of a local cluster it
+    # keeps every Ray port on loopback. Set before any task module imports ray.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

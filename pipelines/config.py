@@ -150,8 +150,10 @@ class MLflowConfig:
 @dataclass
 class RegistryConfig:
     model_name: str = "vit-fashion-mnist"
-    metric: str = "test_acc"
+    metric: str = "test_acc"  # gate metric, scored on the test split: test_acc | test_loss
     margin: float = 0.0  # candidate must beat the champion by more than this
+    mode: str = "max"  # max: higher metric wins (test_acc); min: lower wins (test_loss)
+    log_tag_entries: int = 20  # recent decisions kept in the registered-model tag promotion.log
 
 
 @dataclass
@@ -163,12 +165,25 @@ class InferConfig:
     use_gpu: bool = False
     top_k: int = 3
     job_name: str | None = None
+    split: str = "test"  # which split of a dataset-version input to score
+    cpus_per_actor: float = 1.0  # CPUs reserved per model actor; torch threads = max(1, int(this)) on CPU
 
 
 @dataclass
 class RayConfig:
     address: str | None = None  # None = RAY_ADDRESS or a local cluster
     num_cpus: int | None = None  # only for a local cluster started by the pipeline
+
+
+@dataclass
+class WorkflowConfig:
+    """``python -m pipelines run``: which steps, and how failures are retried."""
+
+    name: str = "local"  # run record at <storage>/runs/<name>/record.json
+    steps: list[str] = field(default_factory=lambda: ["prepare", "search", "evaluate", "register", "infer"])
+    search: str = "tune"  # tune (ASHA sweep) | train (one run with the train section)
+    retries: int = 1  # extra attempts for a failed step (not for input errors)
+    retry_backoff_s: float = 5.0  # first retry delay; doubles each attempt
 
 
 @dataclass
@@ -182,6 +197,7 @@ class PipelineConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,9 +222,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """A config from a plain (YAML-like) dict plus ``key=value`` overrides; ``raw`` is not modified."""
+    import copy
+
+    data = copy.deepcopy(raw)
     for item in overrides:
-        _apply_override(raw, item)
-    return from_dict(PipelineConfig, raw)
+        _apply_override(data, item)
+    return from_dict(PipelineConfig, data)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

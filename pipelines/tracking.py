@@ -58,7 +58,8 @@ def client(cfg: PipelineConfig):
     """An ``MlflowClient`` for the configured tracking and registry URIs."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(cfg), registry_uri=cfg.mlflow.registry_uri or None)
+    uri = resolve_tracking_uri(cfg)
+    return MlflowClient(tracking_uri=uri, registry_uri=cfg.mlflow.registry_uri or uri)
 
 
 def experiment_id(cfg: PipelineConfig, mlflow_client=None) -> str:
@@ -149,21 +150,23 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: in
 def log_dataset_input(mlflow_client, run_id: str, *, name: str, digest: str, source_uri: str,
                       context: str = "training", profile: Mapping[str, Any] | None = None) -> None:
     """The dataset version as an MLflow dataset input (name, manifest digest, storage URI)."""
-    from mlflow.data.meta_dataset import MetaDataset
+    import warnings
+
     from mlflow.data.http_dataset_source import HTTPDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     try:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-        source = resolve_dataset_source(source_uri)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": same class twice
+            source = resolve_dataset_source(source_uri)
     except Exception:  # no registered source for this scheme: keep the URI as an opaque source
         source = HTTPDatasetSource(url=source_uri)
-    ds = MetaDataset(source=source, name=name, digest=digest[:36])
-    entity = ds._to_mlflow_entity()
-    if profile:
-        entity.profile = json.dumps(profile)
-    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])])
+    entity = Dataset(name=name, digest=digest[:36], source_type=source._get_source_type(), source=source.to_json(),
+                     profile=json.dumps(dict(profile)) if profile else None)
+    tag = InputTag("mlflow.data.context", context)
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=[tag])])
 
 
 def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:

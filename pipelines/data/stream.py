@@ -1,0 +1,391 @@
+"""Streaming a dataset version into training: Ray Data for Ray Train, and a Ray-free iterator.
+
+Driver side (building the trainer)::
+
+    ds_version = dataset_from_config(cfg)                       # pipelines.data.shards
+    trainer = TorchTrainer(
+        train_loop,
+        datasets={"train": build_dataset(ds_version, "train", cfg, start_epoch=resumed_epoch),
+                  "val": build_dataset(ds_version, "val", cfg)},
+        dataset_config=train_data_config(cfg),
+        ...)
+
+Worker side (inside the train loop)::
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        for images, labels in iter_epoch(shard, per_worker_batch_size):   # one epoch per call
+            ...
+
+The pipeline is ``read_parquet`` over the shard URIs of the manifest (pyarrow filesystem from
+:mod:`pipelines.storage`, so S3 endpoints work) -> for training, ``random_shuffle`` seeded by
+``(train.seed, epoch)`` -> ``map_batches`` that decodes the PNGs and applies the
+``torchvision.transforms.v2`` augmentation configured in ``data.augment`` (crop/flip/
+RandAugment or TrivialAugment) and normalises. Ray Train hands each worker its part through
+``streaming_split`` (``get_dataset_shard``); every iteration of a shard is one epoch.
+
+Epochs and determinism
+    ``random_shuffle(seed=RandomSeedConfig(seed, reseed_after_execution=True))`` makes Ray seed
+    the shuffle of the k-th execution of the dataset with ``(seed, k)``; :func:`build_dataset`
+    starts k at ``start_epoch``, so epoch e is shuffled identically in an uninterrupted run and
+    in a run resumed at epoch e. Augmentation randomness is seeded per batch from ``train.seed``
+    and the batch's row ids, so it repeats exactly when the epoch's batches do. What Ray does
+    not reproduce: which worker receives which block (streaming_split hands blocks to whichever
+    worker asks first), and a position inside an epoch — resuming mid-epoch restarts that epoch.
+    See docs/data.md.
+
+Exactly once per epoch
+    With ``data.equal_shards: true`` (default) Train's ``streaming_split(equal=True)`` gives
+    every worker the same number of rows — what DDP needs for matching collective calls — and
+    drops at most ``world_size - 1`` rows per epoch (none when the count divides evenly).
+    ``false`` delivers every row exactly once with uneven per-worker counts; the training loop
+    must then tolerate ranks running out at different steps (e.g. ``torch.distributed.
+    algorithms.Join``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import storage as st
+from ..config import AugmentConfig, PipelineConfig, StorageConfig
+from ..errors import ConfigError, DataError
+from .shards import DatasetVersion, read_shard_table
+
+if TYPE_CHECKING:
+    import ray.data
+    import ray.train
+
+log = logging.getLogger(__name__)
+
+READ_COLUMNS = ["image", "label", "row_id"]
+MAP_BATCH_SIZE = 512
+BLOCK_BYTES = 2 * 2**20  # target encoded bytes per Ray block
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 256, 8192
+AUTO_AUGMENT = (None, "trivial", "randaugment")
+
+
+# --------------------------------------------------------------------------------------------
+# Decode + augment (shared by the Ray and the plain paths)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the per-batch preprocessing needs; small and picklable (shipped to Ray tasks)."""
+
+    size: tuple[int, int]  # output (H, W)
+    channels: int
+    train: bool  # augment (train) or only resize/normalise (eval)
+    augment: AugmentConfig
+    seed: int
+    deterministic: bool  # seed augmentation from (seed, row ids); False = fresh entropy
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return _per_channel(self.augment.mean, self.channels, "data.augment.mean")
+
+    @property
+    def std(self) -> torch.Tensor:
+        return _per_channel(self.augment.std, self.channels, "data.augment.std")
+
+
+def _per_channel(values: tuple[float, ...], channels: int, key: str) -> torch.Tensor:
+    if len(values) not in (1, channels):
+        raise ConfigError(f"{key} has {len(values)} values; give 1 or {channels} (one per channel)")
+    t = torch.tensor(values, dtype=torch.float32)
+    return t.expand(channels).reshape(channels, 1, 1).clone()
+
+
+def stream_spec(version: DatasetVersion, cfg: PipelineConfig, train: bool) -> StreamSpec:
+    """Resolve the output size/channels and validate the augmentation settings."""
+    aug = cfg.data.augment
+    if aug.auto_augment not in AUTO_AUGMENT:
+        raise ConfigError(
+            f"data.augment.auto_augment={aug.auto_augment!r} is not supported; use null, 'trivial' or 'randaugment'"
+        )
+    size = cfg.model.img_size or cfg.data.image_size
+    stored = version.image_size
+    if size:
+        out = (size, size)
+    elif stored is not None:
+        out = stored
+    else:
+        raise ConfigError(
+            f"the images of {version.uri} have several sizes; set data.image_size (at prepare) or model.img_size"
+        )
+    spec = StreamSpec(out, version.channels, train, aug, cfg.train.seed, deterministic=cfg.data.shuffle or not train)
+    spec.mean, spec.std  # noqa: B018 - validate lengths now, on the driver
+    return spec
+
+
+def build_transform(spec: StreamSpec, stored_hw: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Per-image ops on a uint8 (C, H, W) tensor -> uint8 (C, *spec.size); None if nothing to do."""
+    from torchvision.transforms import v2
+
+    aug, size = spec.augment, list(spec.size)
+    ops: list[Any] = []
+    if spec.train and aug.random_resized_crop:
+        ops.append(v2.RandomResizedCrop(size, scale=tuple(aug.crop_scale), antialias=True))
+    else:
+        if tuple(stored_hw) != tuple(spec.size):
+            ops += [v2.Resize(min(size), antialias=True), v2.CenterCrop(size)]
+        if spec.train and aug.random_crop_padding:
+            ops.append(v2.RandomCrop(size, padding=aug.random_crop_padding))
+    if spec.train and aug.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(aug.hflip))
+    if spec.train and aug.auto_augment == "trivial":
+        ops.append(v2.TrivialAugmentWide())
+    elif spec.train and aug.auto_augment == "randaugment":
+        ops.append(v2.RandAugment(magnitude=aug.randaugment_magnitude))
+    return v2.Compose(ops) if ops else None
+
+
+def decode_chw(data: bytes) -> torch.Tensor:
+    """Shard PNG bytes -> uint8 (C, H, W) tensor."""
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as img:
+        t = torch.from_numpy(np.array(img))  # np.array: a writable copy
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
+
+
+def batch_seed(seed: int, row_ids: np.ndarray) -> int:
+    """A 63-bit seed from the global seed and the batch's row ids (in order)."""
+    h = hashlib.sha256(int(seed).to_bytes(8, "little", signed=True))
+    h.update(np.ascontiguousarray(row_ids, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threads: bool = True) -> dict[str, np.ndarray]:
+    """Shard rows -> model inputs: ``{"image": float32 (N, C, H, W), "label": int64, "row_id": int64}``.
+
+    Runs inside Ray Data's ``map_batches`` tasks (``limit_threads`` keeps torch to one thread per
+    task on small machines) and in :func:`iter_local_batches`.
+    """
+    if limit_threads and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    pixels = [decode_chw(b) for b in batch["image"]]
+    row_ids = np.asarray(batch["row_id"], dtype=np.int64)
+    n, (h, w), c = len(pixels), spec.size, spec.channels
+    out = torch.empty((n, c, h, w), dtype=torch.uint8)
+    with torch.random.fork_rng(devices=[]):
+        if spec.train and spec.deterministic:
+            torch.manual_seed(batch_seed(spec.seed, row_ids))
+        else:
+            torch.seed()
+        transforms: dict[tuple[int, int], Any] = {}
+        for i, t in enumerate(pixels):
+            if t.shape[0] != c:
+                raise DataError(f"row {int(row_ids[i])} has {t.shape[0]} channels, the dataset says {c}; re-run prepare")
+            hw = (int(t.shape[1]), int(t.shape[2]))
+            if hw not in transforms:
+                transforms[hw] = build_transform(spec, hw)
+            tf = transforms[hw]
+            out[i] = tf(t) if tf is not None else t
+        x = out.to(torch.float32).div_(255.0).sub_(spec.mean).div_(spec.std)  # (N, C, H, W) normalised
+        if spec.train and spec.augment.random_erasing > 0:
+            from torchvision.transforms import v2
+
+            erase = v2.RandomErasing(p=spec.augment.random_erasing, value=0)
+            for i in range(n):
+                x[i] = erase(x[i])
+    return {"image": x.numpy(), "label": np.asarray(batch["label"], dtype=np.int64), "row_id": row_ids}
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data
+# --------------------------------------------------------------------------------------------
+
+
+def _read_paths(version: DatasetVersion, split: str, storage: StorageConfig | None) -> tuple[list[str], Any]:
+    uris = version.shard_uris(split)
+    if not uris:
+        raise DataError(f"split {split!r} of {version.uri} is empty; prepare it with more data or use another split")
+    fs = st.filesystem(uris[0], storage)
+    return [st.parse_uri(u).fs_path for u in uris], fs
+
+
+def build_dataset(version: DatasetVersion, split: str, cfg: PipelineConfig, *, train: bool | None = None,
+                  start_epoch: int = 0) -> "ray.data.Dataset":
+    """A Ray Data dataset of model-ready batches for ``split``.
+
+    ``train`` (default: ``split == "train"``) turns on augmentation and, with ``data.shuffle``,
+    the per-epoch seeded shuffle; the first iteration of the returned dataset is epoch
+    ``start_epoch`` (pass the epoch a resumed run restarts at).
+    """
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    train = (split == "train") if train is None else train
+    spec = stream_spec(version, cfg, train)
+    paths, fs = _read_paths(version, split, cfg.storage)
+    ds = read_shards(paths, fs)
+    # Ray packs small files into few read tasks; blocks of a few MB let decode run in parallel
+    # and give the shuffle (whose output has as many blocks as its input) a useful grain.
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block(version, split))
+    if train and cfg.data.shuffle:
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
+        _start_at_epoch(ds, start_epoch)
+    return ds.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=MAP_BATCH_SIZE,
+                          batch_format="numpy")
+
+
+def read_shards(paths: list[str], filesystem: Any) -> "ray.data.Dataset":
+    """``read_parquet`` over explicit shard paths with Ray Data's V1 Parquet reader.
+
+    Ray 2.60's default (V2) reader lists files in a 1-CPU task that then creates footer-reader
+    actors needing 1 CPU each; on a small cluster already holding training workers (or two Tune
+    trials) those actors never get a CPU and the job hangs at 0 % with no error. The manifest
+    already names every shard, so the V1 reader (no listing, no actors) is both enough and safe.
+    """
+    import ray.data
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet(paths, filesystem=filesystem)
+    finally:
+        ctx.use_datasource_v2 = previous
+    return ds.select_columns(READ_COLUMNS)  # (read_parquet's columns= is deprecated)
+
+
+def rows_per_block(version: DatasetVersion, split: str) -> int:
+    """Rows per Ray block for about :data:`BLOCK_BYTES` of encoded images (clamped)."""
+    shards = version.shards(split)
+    rows = sum(s.rows for s in shards) or 1
+    avg = max(1.0, sum(s.bytes for s in shards) / rows)
+    return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_BYTES // avg)))
+
+
+def _start_at_epoch(ds: "ray.data.Dataset", epoch: int) -> None:
+    """Make the next execution of ``ds`` use the shuffle seed of ``epoch``.
+
+    Ray seeds a reseeding shuffle with ``(seed, execution index)`` and counts executions in the
+    dataset's DataContext (``_execution_idx``, no public setter in Ray 2.60). If that attribute
+    ever disappears, resumed runs still shuffle deterministically, just not like the original.
+    """
+    if epoch == 0:
+        return
+    if hasattr(ds.context, "_execution_idx"):
+        ds.context._execution_idx = int(epoch)
+    else:  # pragma: no cover - depends on the Ray version
+        log.warning("this Ray version has no execution index; epoch %d will not repeat the original run's order", epoch)
+
+
+def ingest_options(cfg: PipelineConfig) -> "ray.data.ExecutionOptions":
+    """Ray Data execution options for training ingest: order preserved (reproducible epochs)."""
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
+
+
+def train_data_config(cfg: PipelineConfig) -> "ray.train.DataConfig":
+    """The ``dataset_config`` for TorchTrainer: splits "train" (and "val") across workers.
+
+    ``data.equal_shards`` chooses between Train's equal split (default, DDP-safe) and an exact
+    once-per-epoch split with uneven per-worker counts (see the module doc).
+    """
+    from ray.train import DataConfig
+
+    options = ingest_options(cfg)
+    if cfg.data.equal_shards:
+        return DataConfig(execution_options=options)
+    return _exact_once_config_class()(options)
+
+
+def _exact_once_config_class():  # defined lazily so importing this module does not import ray
+    from ray.train import DataConfig
+
+    class ExactOnceDataConfig(DataConfig):
+        """Like DataConfig, but ``streaming_split(equal=False)``: no row is dropped."""
+
+        def __init__(self, options):
+            super().__init__(execution_options=options)
+            self._options = options
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            import copy
+
+            output: list[dict] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = copy.deepcopy(self._options)
+                for rank, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                    output[rank][name] = it
+            return output
+
+    return ExactOnceDataConfig
+
+
+def iter_epoch(shard: "ray.data.DataIterator", batch_size: int, *, device: Any = "auto", drop_last: bool = False,
+               prefetch_batches: int = 2, with_ids: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch of ``(images, labels)`` (or ``(images, labels, row_ids)``) from a worker's shard.
+
+    ``images`` is float32 (B, C, H, W), normalised; ``labels`` int64 (B,). Each call starts a new
+    epoch (a new execution of the dataset, with the next epoch's shuffle).
+    """
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
+                                          prefetch_batches=prefetch_batches):
+        if with_ids:
+            yield batch["image"], batch["label"], batch["row_id"]
+        else:
+            yield batch["image"], batch["label"]
+
+
+# --------------------------------------------------------------------------------------------
+# Without Ray
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The Ray-free path's order of rows for ``(seed, epoch)``."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def iter_local_batches(version: DatasetVersion, split: str, cfg: PipelineConfig, *, batch_size: int,
+                       epoch: int = 0, rank: int = 0, world_size: int = 1, train: bool | None = None,
+                       drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Model-ready batches without Ray: for tests, notebooks and torchrun.
+
+    Reads the split's shards (whole split in memory as PNG bytes), orders the rows by
+    :func:`epoch_permutation` when training with ``data.shuffle``, gives rank ``r`` the rows at
+    positions ``r, r + world_size, ...`` (each row to exactly one rank), and decodes/augments
+    with the same :func:`preprocess_batch` as the Ray path. Yields
+    ``{"image", "label", "row_id"}`` tensors.
+    """
+    import pyarrow as pa
+
+    train = (split == "train") if train is None else train
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    spec = stream_spec(version, cfg, train)
+    tables = [read_shard_table(u, cfg.storage, READ_COLUMNS) for u in version.shard_uris(split)]
+    if not tables:
+        return
+    table = pa.concat_tables(tables)
+    order = np.arange(table.num_rows)
+    if train and cfg.data.shuffle:
+        order = order[epoch_permutation(table.num_rows, cfg.train.seed, epoch)]
+    order = order[rank::world_size]
+    images = table.column("image").to_numpy(zero_copy_only=False)
+    labels = table.column("label").to_numpy()
+    row_ids = table.column("row_id").to_numpy()
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        out = preprocess_batch({"image": images[idx], "label": labels[idx], "row_id": row_ids[idx]}, spec,
+                               limit_threads=False)
+        yield {k: torch.from_numpy(v) for k, v in out.items()}

@@ -1,0 +1,167 @@
+"""The evaluate task: score a trained model on a split (default ``test``) and log it to MLflow.
+
+The model is a ``vit_model`` directory (what :mod:`pipelines.train` exports to
+``<storage>/train/<run>/model``), found from ``--model URI``, ``--run-id`` (the MLflow training
+run's ``pipeline.model_uri`` tag) or, by default, the newest finished training run. Images are
+preprocessed exactly as at validation time, with the mean/std and size stored with the weights.
+Results: acc@1, acc@5, loss, per-class accuracy and the confusion matrix, written beside the
+model as ``evaluation-<split>.json``, logged as ``<split>_*`` metrics plus a confusion-matrix
+figure into the training's MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vit_model import from_pretrained
+
+from . import storage as st
+from . import tracking
+from .config import PipelineConfig
+from .engine import evaluate as evaluate_batches
+from .errors import UserError
+
+TASK = "evaluate"
+
+
+@dataclass
+class EvalResult:
+    model_uri: str
+    dataset_uri: str
+    dataset_version: str
+    split: str
+    metrics: dict[str, float]  # <split>_acc, <split>_acc5, <split>_loss, <split>_count
+    per_class_acc: dict[str, float | None]
+    confusion: list[list[int]]
+    mlflow_run_id: str | None
+    result_uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def download_dir(uri: str, local_dir: str | Path, cfg: PipelineConfig) -> Path:
+    """Copy the files of a flat storage folder (a model directory) to ``local_dir``."""
+    local = st.local_path(uri)
+    if local is not None and Path(local).is_dir():
+        return Path(local)
+    out = Path(local_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = st.list_files(uri, cfg.storage, recursive=False)
+    if not files:
+        raise UserError(f"no model files at {uri}; pass the model URI printed by `python -m pipelines train`")
+    for entry in files:
+        name = entry.uri.rstrip("/").rsplit("/", 1)[-1]
+        (out / name).write_bytes(st.read_bytes(entry.uri, cfg.storage))
+    return out
+
+
+def latest_model_uri(cfg: PipelineConfig, run_id: str | None = None) -> tuple[str, str | None]:
+    """(model URI, training run id) from a run id, or from the newest finished training run."""
+    client = tracking.client(cfg)
+    if run_id:
+        run = client.get_run(run_id)
+    else:
+        runs = client.search_runs([tracking.experiment_id(cfg, client)],
+                                  filter_string=f"tags.`{tracking.TASK_TAG}` = 'train' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.end_time DESC"], max_results=1)
+        if not runs:
+            raise UserError(f"no finished training run in MLflow experiment {cfg.mlflow.experiment_name!r}; "
+                            "run `python -m pipelines train` first or pass --model URI")
+        run = runs[0]
+    uri = run.data.tags.get("pipeline.model_uri")
+    if not uri:
+        raise UserError(f"MLflow run {run.info.run_id} has no pipeline.model_uri tag; pass --model URI")
+    return uri, run.info.run_id
+
+
+def eval_config(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
+    """``cfg`` with the preprocessing the weights were trained with (mean, std, size)."""
+    augment = cfg.data.augment
+    if meta.get("mean") and meta.get("std"):
+        augment = dataclasses.replace(augment, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    model = cfg.model
+    size = meta.get("image_size")
+    if size and size[0] == size[1]:
+        model = dataclasses.replace(model, img_size=int(size[0]))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=augment), model=model)
+
+
+def score(model: torch.nn.Module, version, split: str, cfg: PipelineConfig, batch_size: int = 256) -> dict[str, Any]:
+    """engine.evaluate over a whole split read without Ray (every row, in order)."""
+    from .data.stream import iter_local_batches
+
+    batches = iter_local_batches(version, split, cfg, batch_size=batch_size, train=False)
+    return evaluate_batches(model, batches, device=torch.device("cpu"), num_classes=version.num_classes)
+
+
+def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str | None = None, split: str = "test",
+             version=None, log: bool = True) -> EvalResult:
+    from .data.shards import dataset_from_config
+
+    train_run_id = run_id
+    if model_uri is None:
+        model_uri, train_run_id = latest_model_uri(cfg, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, meta = from_pretrained(download_dir(model_uri, tmp, cfg), return_meta=True)
+    model.eval()
+    train_run_id = train_run_id or meta.get("mlflow_run_id")
+    if version is None:
+        ds_meta = meta.get("dataset") or {}
+        version = dataset_from_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, version=ds_meta.get("uri") or cfg.data.version)))
+    if version.num_classes != model.cfg.num_classes:
+        raise UserError(f"model {model_uri} has {model.cfg.num_classes} classes but dataset {version.uri} has "
+                        f"{version.num_classes}; evaluate on the dataset it was trained for (data.version)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    raw = score(model, version, split, eval_config(cfg, meta), batch_size=cfg.infer.batch_size)
+    metrics = {f"{split}_acc": raw["acc1"], f"{split}_loss": raw["loss"], f"{split}_count": float(raw["count"])}
+    if "acc5" in raw:
+        metrics[f"{split}_acc5"] = raw["acc5"]
+    result_uri = st.join_uri(model_uri, f"evaluation-{split}.json")
+    result = EvalResult(
+        model_uri=model_uri, dataset_uri=version.uri, dataset_version=version.version, split=split, metrics=metrics,
+        per_class_acc=dict(zip(version.classes, raw["per_class_acc"])), confusion=raw["confusion"],
+        mlflow_run_id=train_run_id, result_uri=result_uri,
+    )
+    st.write_json(result_uri, result.to_dict(), cfg.storage)
+    if log and train_run_id:
+        _log(cfg, train_run_id, result, version.classes)
+    return result
+
+
+def _log(cfg: PipelineConfig, run_id: str, result: EvalResult, classes: list[str]) -> None:
+    from .plots import plot_confusion
+
+    client = tracking.client(cfg)
+    split = result.split
+    per_class = {f"{split}_acc_{name}": v for name, v in result.per_class_acc.items() if v is not None}
+    tracking.log_metrics(client, run_id, {**result.metrics, **per_class}, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_confusion(result.confusion, classes, Path(tmp, f"{split}_confusion_matrix.png"), title=f"{split} split")
+        client.log_artifact(run_id, str(path))
+    tracking.log_json(client, run_id, result.to_dict(), f"evaluation-{split}.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", dest="model_uri", help="vit_model directory URI (default: newest finished training)")
+    parser.add_argument("--run-id", help="MLflow training run whose model to evaluate")
+    parser.add_argument("--split", default="test", help="dataset split to score (default: test)")
+
+
+def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    result = evaluate(cfg, model_uri=args.model_uri, run_id=args.run_id, split=args.split)
+    m = result.metrics
+    acc5 = f", acc@5 {m[f'{result.split}_acc5']:.4f}" if f"{result.split}_acc5" in m else ""
+    print(f"{result.split}: acc@1 {m[f'{result.split}_acc']:.4f}{acc5}, loss {m[f'{result.split}_loss']:.4f} "
+          f"on {int(m[f'{result.split}_count'])} images")
+    for name, acc in result.per_class_acc.items():
+        print(f"  {name:>20s}: {acc:.4f}" if acc is not None else f"  {name:>20s}: -")
+    print(result.result_uri)
+    return 0

@@ -1,0 +1,291 @@
+"""The tune task: a Ray Tune sweep whose trials each run a Ray Train ``TorchTrainer``.
+
+Pattern (Ray Train V2): a *function* trainable per trial calls :func:`pipelines.train.train` with
+``callbacks=[TuneReportCallback()]``, so every epoch's metrics reach Tune and ASHA can stop the
+trial early. ``Tuner(TorchTrainer(...))`` is not used (removed in Train V2).
+
+Search space (``tune.space``) maps dotted config keys to a sampler, e.g.::
+
+    tune:
+      space:
+        train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+        model.depth: {choice: [4, 6]}
+        train.mixup_alpha: {uniform: [0.0, 0.4]}
+
+Samplers: ``loguniform``, ``uniform``, ``quniform`` ([low, high, q]), ``randint`` ([low, high)),
+``choice`` (list), ``grid`` (list). Unknown config keys are rejected before anything starts.
+
+MLflow: one parent run for the sweep, one nested child run per trial (the trial's training run,
+``mlflow.parentRunId`` = parent). ``--resume`` continues an interrupted sweep from its state on
+storage (``<storage>/tune/<name>``): finished trials are not re-run, unfinished ones resume from
+their last epoch checkpoint. Child runs that a killed sweep left RUNNING, or that ASHA stopped,
+are closed (KILLED, tag ``pipeline.early_stopped``) when the sweep ends. The best trial
+(config, metrics, checkpoint and model URIs) goes to ``<storage>/tune/<name>/best.json`` and is
+tagged on the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import storage as st
+from . import tracking
+from .config import PipelineConfig, config_from_dict, load_config, to_dict, to_yaml
+from .errors import ConfigError, UserError
+
+TASK = "tune"
+SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
+
+
+@dataclass
+class TuneResult:
+    name: str
+    parent_run_id: str
+    best_trial_id: str
+    best_config: dict[str, Any]  # the sampled overrides of the best trial
+    best_metrics: dict[str, Any]
+    best_run_name: str
+    best_run_id: str | None
+    best_checkpoint_uri: str | None
+    model_uri: str
+    trials: list[dict[str, Any]]
+    result_uri: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Search space
+# --------------------------------------------------------------------------------------------
+
+
+def param_space(cfg: PipelineConfig) -> dict[str, Any]:
+    """``tune.space`` as Tune samplers, after checking every key against the config schema."""
+    from ray import tune
+
+    space = cfg.tune.space
+    if not space:
+        raise ConfigError("tune.space is empty; add at least one key, e.g. tune.space={'train.lr': {loguniform: [1e-4, 3e-3]}}")
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+            raise ConfigError(f"tune.space.{key} must be one sampler such as {{loguniform: [1e-4, 1e-2]}}; "
+                              f"samplers: {', '.join(SAMPLERS)}")
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"tune.space.{key}.{kind} needs a list of values, got {args!r}")
+        example = args[0]
+        try:  # the key must exist and take this kind of value
+            load_config(None, [f"{key}={_yaml_scalar(example)}"])
+        except ConfigError as exc:
+            raise ConfigError(f"tune.space key {key!r} is not usable: {exc}") from None
+        if kind == "loguniform":
+            out[key] = tune.loguniform(*args)
+        elif kind == "uniform":
+            out[key] = tune.uniform(*args)
+        elif kind == "quniform":
+            out[key] = tune.quniform(*args)
+        elif kind == "randint":
+            out[key] = tune.randint(*args)
+        elif kind == "choice":
+            out[key] = tune.choice(args)
+        else:
+            out[key] = tune.grid_search(args)
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def overrides_of(sampled: dict[str, Any]) -> list[str]:
+    """A trial's sampled values as ``key=value`` overrides."""
+    return [f"{k}={_yaml_scalar(v)}" for k, v in sampled.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Trials
+# --------------------------------------------------------------------------------------------
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_id: str, version_uri: str) -> None:
+    """One trial: a full training run, reporting every epoch to Tune through the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .data.shards import load_version
+    from .train import train
+
+    cfg = config_from_dict(base, overrides_of(config))
+    trial_id = tune.get_context().get_trial_id()
+    version = load_version(version_uri, cfg.storage)
+    train(cfg, version=version, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id,
+          callbacks=[TuneReportCallback()])
+
+
+def max_concurrent(cfg: PipelineConfig) -> int:
+    """Trials that fit the cluster at once: each needs its workers' CPUs plus ~1 CPU for Ray Data."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + 1.0
+    return max(1, int(math.floor(cpus / per_trial)))
+
+
+def _searcher(cfg: PipelineConfig):
+    if cfg.tune.search == "random":
+        return None
+    if cfg.tune.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs optuna: pip install 'vit-pipeline[optuna]'") from None
+        return OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.train.seed)
+    raise ConfigError(f"tune.search={cfg.tune.search!r} is not supported; use 'random' or 'optuna'")
+
+
+def _storage(cfg: PipelineConfig) -> tuple[str, Any]:
+    uri = st.join_uri(cfg.storage.uri, "tune")
+    local = st.local_path(uri)
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
+        return local, None
+    fs, path = st.resolve(uri, cfg.storage)
+    return path, fs
+
+
+def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str | None = None) -> TuneResult:
+    from ray import tune as rt
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .data.shards import dataset_from_config
+    from .train import ensure_ray
+
+    t0 = time.time()
+    space = param_space(cfg)
+    version = version or dataset_from_config(cfg)
+    name = name or cfg.tune.name or f"sweep-{version.version[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.tune.mode not in ("max", "min"):
+        raise ConfigError(f"tune.mode={cfg.tune.mode!r} must be 'max' or 'min'")
+    ensure_ray(cfg)
+    client = tracking.client(cfg)
+    parent_id, _ = tracking.start_or_resume_run(cfg, name, TASK, tags={"dataset.version": version.version},
+                                                mlflow_client=client)
+    tracking.log_text(client, parent_id, to_yaml(cfg), "config.yaml")
+    storage_path, fs = _storage(cfg)
+    trainable = rt.with_resources(
+        rt.with_parameters(_trial, base=to_dict(cfg), sweep=name, parent_run_id=parent_id, version_uri=version.uri),
+        {"CPU": 0.05},
+    )
+    exp_path = os.path.join(storage_path, name)
+    try:
+        if resume and rt.Tuner.can_restore(exp_path, storage_filesystem=fs):
+            tuner = rt.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                     storage_filesystem=fs)
+        else:
+            if resume:
+                raise UserError(f"no sweep state to resume at {st.join_uri(cfg.storage.uri, 'tune', name)}; "
+                                "check tune.name (the sweep's name) or start it without --resume")
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, cfg.train.epochs),
+                                      grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+            tuner = rt.Tuner(
+                trainable, param_space=space,
+                tune_config=rt.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                          search_alg=_searcher(cfg), num_samples=cfg.tune.num_samples,
+                                          max_concurrent_trials=max_concurrent(cfg)),
+                run_config=rt.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs),
+            )
+        grid = tuner.fit()
+    except BaseException:
+        tracking.end_run(client, parent_id, "FAILED")
+        raise
+    result = _summarise(cfg, grid, name, parent_id, t0, client)
+    tracking.end_run(client, parent_id, "FINISHED")
+    return result
+
+
+def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, client) -> TuneResult:
+    from .train import TASK as TRAIN_TASK
+
+    epochs = max(1, cfg.train.epochs)
+    trials = []
+    for r in grid:
+        trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path.rstrip("/"))
+        iters = int((r.metrics or {}).get("training_iteration", 0))
+        trials.append({
+            "trial_id": trial_id, "config": r.config, "iterations": iters,
+            "metric": (r.metrics or {}).get(cfg.tune.metric), "error": str(r.error).splitlines()[0] if r.error else None,
+            "early_stopped": r.error is None and iters < epochs, "run_name": f"{name}-{trial_id}",
+        })
+    # close child runs that did not finish on their own (ASHA-stopped or killed trials)
+    for t in trials:
+        run = tracking.find_run(cfg, t["run_name"], TRAIN_TASK, parent_id, client)
+        if run is None:
+            continue
+        t["run_id"] = run.info.run_id
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "pipeline.early_stopped", str(t["early_stopped"]).lower())
+            client.set_terminated(run.info.run_id, status="KILLED")
+    finished = [t for t in trials if t["metric"] is not None and not t["early_stopped"] and not t["error"]]
+    if not finished:
+        raise UserError(f"sweep {name!r} has no trial that completed {epochs} epochs; see the trial errors in "
+                        f"{st.join_uri(cfg.storage.uri, 'tune', name)}")
+    sign = 1 if cfg.tune.mode == "max" else -1
+    best = max(finished, key=lambda t: sign * t["metric"])
+    best_result = next(r for r in grid if r.config == best["config"] and (r.metrics or {}).get(cfg.tune.metric) == best["metric"])
+    best_ckpt = (best_result.metrics or {}).get("checkpoint_path")
+    model_uri = st.join_uri(cfg.storage.uri, "train", best["run_name"], "model")
+    result_uri = st.join_uri(cfg.storage.uri, "tune", name, "best.json")
+    out = TuneResult(
+        name=name, parent_run_id=parent_id, best_trial_id=best["trial_id"], best_config=best["config"],
+        best_metrics={k: v for k, v in (best_result.metrics or {}).items() if isinstance(v, (int, float))},
+        best_run_name=best["run_name"], best_run_id=best.get("run_id"),
+        best_checkpoint_uri=_ckpt_uri(cfg, best_ckpt), model_uri=model_uri, trials=trials, result_uri=result_uri,
+        seconds=time.time() - t0,
+    )
+    st.write_json(result_uri, out.to_dict(), cfg.storage)
+    tracking.log_json(client, parent_id, out.to_dict(), "best_trial.json")
+    for key, value in (("best_trial_id", out.best_trial_id), ("best_run_id", out.best_run_id or ""),
+                       ("best_model_uri", model_uri), ("best_checkpoint_uri", out.best_checkpoint_uri or ""),
+                       ("best_config", str(out.best_config)), ("best_" + cfg.tune.metric, str(best["metric"]))):
+        client.set_tag(parent_id, f"pipeline.{key}", value[:5000])
+    tracking.log_metrics(client, parent_id, {f"best_{cfg.tune.metric}": best["metric"],
+                                             "trials": float(len(trials)),
+                                             "trials_early_stopped": float(sum(t["early_stopped"] for t in trials))}, step=0)
+    return out
+
+
+def _ckpt_uri(cfg: PipelineConfig, path: str | None) -> str | None:
+    if not path:
+        return None
+    if "://" in path:
+        return path
+    return f"s3://{path.lstrip('/')}" if st.is_s3(cfg.storage.uri) else st.parse_uri(path).__str__()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep named tune.name")
+
+
+def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    result = tune(cfg, resume=args.resume)
+    stopped = sum(t["early_stopped"] for t in result.trials)
+    print(f"sweep {result.name}: {len(result.trials)} trials ({stopped} stopped early by ASHA), {result.seconds:.0f} s")
+    print(f"best trial {result.best_trial_id}: {cfg.tune.metric}={result.best_metrics.get(cfg.tune.metric)} "
+          f"config={result.best_config}")
+    print(f"parent mlflow run: {result.parent_run_id}")
+    print(f"best model: {result.model_uri}")
+    print(result.result_uri)
+    return 0

@@ -1,0 +1,164 @@
+"""Shared fixtures: a real local S3 endpoint, a local Ray cluster, small image sources.
+
+``s3_endpoint`` (session)
+    moto's S3 server in a child process on ``127.0.0.1:<free port>`` — a real HTTP endpoint,
+    not an in-process mock. Creates the bucket ``s3_endpoint.bucket`` and sets the standard
+    environment for the session (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``/``SECRET`` =
+    ``testing``, ``AWS_DEFAULT_REGION``, ``MLFLOW_S3_ENDPOINT_URL``), restoring it at the end.
+    Use ``s3_endpoint.uri("some/prefix")`` for a fresh ``s3://`` location.
+
+``ray_cluster`` (session)
+    ``ray.init(num_cpus=4, include_dashboard=False)`` bound to 127.0.0.1, progress bars off,
+    usage stats off, shut down at the end. It starts after ``s3_endpoint`` so Ray's worker
+    processes inherit the endpoint and test credentials. More logical CPUs than cores on
+    purpose: two Train workers at 1 CPU each still leave Ray Data room to read (RUNNING-HERE.md).
+
+``fmnist_idx`` (session)
+    A folder with a small Fashion-MNIST in idx format (the first 241 train / 59 test images of
+    the real files when /usr/share/datasets/fashion-mnist exists, random pixels otherwise) and
+    the arrays it holds, for pixel-exact round trips.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Read by Ray when it is imported: with the 127.0.0.1 node address below, every Ray port then
+# binds to loopback (without it Ray listens on all interfaces). Set before any test imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "cluster"))
+
+from s3_server import LocalS3Server  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# S3
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    bucket: str
+    env: dict[str, str]
+    server: LocalS3Server
+
+    def uri(self, prefix: str = "") -> str:
+        """A fresh ``s3://bucket/<prefix>-<random>`` location for one test."""
+        return f"s3://{self.bucket}/{prefix or 'test'}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    server = LocalS3Server(bucket="test-bucket").start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    saved["AWS_ENDPOINT_URL"] = os.environ.pop("AWS_ENDPOINT_URL", None)
+    saved["AWS_PROFILE"] = os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(server.env())
+    try:
+        yield S3Endpoint(server.url, "test-bucket", server.env(), server)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    import ray
+
+    env = {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # with the 127.0.0.1 node address: loopback only
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_V2_ENABLED": "1",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "RAY_ADDRESS"]}
+    os.environ.update(env)
+    os.environ.pop("RAY_ADDRESS", None)  # always a private local cluster
+    temp_dir = f"/tmp/ray-tests-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+             log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """Write ``array`` (uint8) in LeCun's idx format, gzipped when ``compress``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+
+
+def _read_real(name: str, n: int) -> np.ndarray:
+    from pipelines.data.sources import read_idx
+
+    return read_idx((REAL_FMNIST / f"{name}.gz").read_bytes(), name)[:n]
+
+
+@dataclass
+class IdxSource:
+    folder: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def fmnist_idx(tmp_path_factory) -> IdxSource:
+    folder = tmp_path_factory.mktemp("fmnist-idx")
+    n_train, n_test = 241, 59  # odd on purpose: uneven splits across 2 workers
+    if (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists():
+        arrays = {
+            "train-images-idx3-ubyte": _read_real("train-images-idx3-ubyte", n_train),
+            "train-labels-idx1-ubyte": _read_real("train-labels-idx1-ubyte", n_train),
+            "t10k-images-idx3-ubyte": _read_real("t10k-images-idx3-ubyte", n_test),
+            "t10k-labels-idx1-ubyte": _read_real("t10k-labels-idx1-ubyte", n_test),
+        }
+    else:
+        rng = np.random.default_rng(0)
+        arrays = {
+            "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+            "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10,
+            "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+            "t10k-labels-idx1-ubyte": np.arange(n_test, dtype=np.uint8) % 10,
+        }
+    for name, arr in arrays.items():
+        compress = not name.startswith("t10k-labels")  # exercise both the .gz and the plain form
+        write_idx(folder / (f"{name}.gz" if compress else name), arr, compress=compress)
+    return IdxSource(folder, arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"],
+                     arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])
