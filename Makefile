@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup data test test-fast bench-model clean
+.PHONY: setup data test test-fast run bench-model clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test: setup data
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+# The main job on embedded defaults: local Ray, ./artifacts, sqlite MLflow, Fashion-MNIST.
+run: setup data
+	$(PY) -m pipelines run --config configs/local.yaml
 
 bench-model: setup
 	$(PY) benchmarks/bench_model.py

@@ -6,15 +6,16 @@ temporary local storage) with the same registered model version and the same bat
 * **plain**: one process, ``--threads`` torch threads. Reads the split's Parquet shards, decodes
   each PNG and preprocesses it exactly as inference does (``decode_chw``, normalise with the
   packaged mean/std), runs the forward pass and takes the top-k. Model loading is not timed.
-* **ray**: :func:`pipelines.infer.infer` on a local Ray cluster, with ``--actors`` model actors of
-  one CPU / one torch thread each (decode fused into the actors), writing Parquet and verifying
-  one row per input. Two figures: ``ray_s``, the Ray Data execution (actor start-up included),
-  and ``job_s``, the whole job (model resolution, execution, verification, manifest, MLflow).
+* **ray**: :func:`pipelines.infer.infer` on a local Ray cluster, for each ``--pools`` entry
+  ``AxT``: A model actors of T CPUs / T torch threads each (decode fused into the actors),
+  writing Parquet and verifying one row per input. Two figures: ``ray_s``, the Ray Data
+  execution (actor start-up included), and ``job_s``, the job up to publishing (model
+  resolution and download, Ray execution, verification).
 
 The plain loop runs before and after the Ray runs; their spread shows how noisy the machine is.
 Ratio = Ray images/s (execution) / plain images/s (mean of the two plain runs).
 
-    python benchmarks/bench_infer.py [--test-images 10000] [--batch-size 256] [--actors 1 2] \
+    python benchmarks/bench_infer.py [--test-images 10000] [--batch-size 256] [--pools 1x1 2x1 1x2] \
                                      [--threads 2] [--out benchmarks/results/infer.json]
 """
 
@@ -100,9 +101,10 @@ def run() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor pool sizes to measure")
+    p.add_argument("--pools", nargs="+", default=["1x1", "2x1", "1x2"],
+                   help="actor pools to measure, ACTORSxTHREADS (threads = CPUs reserved per actor)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop (default: 2 = the cores)")
-    p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster (> actors x threads)")
     p.add_argument("--arch", default="embed_dim=64,depth=6,num_heads=4,patch_size=4",
                    help="ViTConfig overrides of the benchmarked model (28x28, 1 channel, 10 classes)")
     p.add_argument("--out", default="benchmarks/results/infer.json")
@@ -140,14 +142,15 @@ def run() -> None:
           flush=True)
 
     rows = []
-    for actors in args.actors:
-        run_cfg = load_config(None, base + [f"infer.num_actors={actors}", "infer.cpus_per_actor=1"])
-        r = infer(run_cfg, input_uri=version.uri, model_uri=model_uri, job_name=f"bench-{actors}a")
+    for pool in args.pools:
+        actors, threads = (int(v) for v in pool.lower().split("x"))
+        run_cfg = load_config(None, base + [f"infer.num_actors={actors}", f"infer.cpus_per_actor={threads}"])
+        r = infer(run_cfg, input_uri=version.uri, model_uri=model_uri, job_name=f"bench-{actors}x{threads}")
         ray_s = r.timings["ray_s"]
-        rows.append({"actors": actors, "threads_per_actor": 1, "images": r.input_count, "ray_s": ray_s,
+        rows.append({"actors": actors, "threads_per_actor": threads, "images": r.input_count, "ray_s": ray_s,
                      "ray_images_per_s": r.timings["ray_images_per_s"], "job_s": r.seconds,
                      "job_images_per_s": r.images_per_s, "correct": r.correct})
-        print(f"ray, {actors} actor(s) x 1 thread: {r.timings['ray_images_per_s']:.0f} img/s in the Ray job "
+        print(f"ray, {actors} actor(s) x {threads} thread(s): {r.timings['ray_images_per_s']:.0f} img/s in the Ray job "
               f"({ray_s:.1f} s incl. actor start-up), {r.images_per_s:.0f} img/s for the whole job ({r.seconds:.1f} s)",
               flush=True)
 
@@ -159,7 +162,7 @@ def run() -> None:
         row["job_ratio_vs_plain"] = round(row["job_images_per_s"] / plain_ips, 3)
         if row["correct"] != plain[0]["correct"]:  # same model, same pixels: only float noise could do this
             print(f"warning: {row['correct']} correct in the Ray job vs {plain[0]['correct']} in the plain loop")
-        print(f"ratio ray/plain, {row['actors']} actor(s): {row['ratio_vs_plain']:.2f} (Ray job), "
+        print(f"ratio ray/plain, {row['actors']}x{row['threads_per_actor']}: {row['ratio_vs_plain']:.2f} (Ray job), "
               f"{row['job_ratio_vs_plain']:.2f} (whole job)")
 
     import mlflow

@@ -9,10 +9,15 @@ Model
     ``models:/NAME@ALIAS`` is resolved to a concrete version **once**, at job start
     (``MlflowClient.get_model_version_by_alias``); from then on the job uses
     ``models:/NAME/VERSION`` and that version's artifact location only, so moving ``@champion``
-    while the job runs cannot mix two versions in one output. Each model actor downloads the
-    version's ``MLmodel`` and the four data files it names (safetensors weights, ``config.json``,
-    ``class_names.json``, ``preprocessing.json``; see :mod:`pipelines.serving`) and builds the
-    ViT from them. The code shipped inside the model is never executed and nothing is unpickled.
+    while the job runs cannot mix two versions in one output. The driver downloads that
+    version's data files once, through its ``MLmodel`` (``preprocessing.json`` and
+    ``class_names.json`` for the job; ``config.json`` and the safetensors weights for the
+    model; see :mod:`pipelines.serving`), and puts the two model
+    files into the Ray object store. Each actor builds the ViT from those bytes once, when it
+    starts (and again if Ray restarts it): actors need no access to the MLflow store or its
+    artifact location (a sqlite store and ``file://`` artifacts on the driver work on a multi-node
+    cluster too), and they never import MLflow (~3 s per actor here). The code shipped inside
+    the model is never executed and nothing is unpickled.
 
 Input
     * a **dataset version** (a folder with a ``vit-pipeline.dataset`` ``manifest.json``): the
@@ -269,9 +274,35 @@ def fetch_model_files(download_uri: str, tracking_uri: str, dest: Path,
             if key not in artifacts:
                 raise KeyError(f"the model's MLmodel names no {key!r} artifact")
             rel = str(artifacts[key]["path"]).strip("/")
-            out[key] = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=str(dest / Path(rel).parent),
+            out[key] = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{rel}",
+                                                           dst_path=str(dest / Path(rel).parent),
                                                            tracking_uri=tracking_uri)
     return out
+
+
+def load_model_package(model: ResolvedModel) -> dict[str, bytes]:
+    """``{"config": bytes, "weights": bytes}`` of the pinned version, for the actors.
+
+    Both files are parsed here (the architecture, and the safetensors header: names and shapes,
+    no tensor data), so a damaged package fails in one line before any actor starts; the
+    actors' strict ``load_state_dict`` checks that the two fit each other."""
+    from safetensors import safe_open
+
+    from vit_model import ViTConfig
+
+    with tempfile.TemporaryDirectory(prefix="vit-infer-model-") as tmp:
+        try:
+            paths = fetch_model_files(model.download_uri, model.tracking_uri, Path(tmp), ("config", "weights"))
+            config = Path(paths["config"]).read_bytes()
+            ViTConfig.from_dict(json.loads(config)["config"])
+            with safe_open(paths["weights"], "pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("the safetensors file holds no tensors")
+            weights = Path(paths["weights"]).read_bytes()
+        except Exception as exc:
+            raise InferError(f"cannot read the model files of {model.uri} at {_shown(model.download_uri)} "
+                             f"({type(exc).__name__}: {_first_line(exc)}); re-register the model") from None
+    return {"config": config, "weights": weights}
 
 
 @contextlib.contextmanager
@@ -342,7 +373,8 @@ def _dataset_input(cfg: PipelineConfig, uri: str, split: str) -> InferInput:
     row_ids: list[int] = []
     for shard_uri in shard_uris:  # one int column per shard: cheap, and catches a damaged version
         fs, path = st.resolve(shard_uri, cfg.storage)
-        table = st.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=["row_id"]), shard_uri, "read", cfg.storage)
+        table = st.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=["row_id"]), shard_uri, "read",
+                                cfg.storage)
         row_ids.extend(table.column("row_id").to_pylist())
     ids = tuple(f"{split}/{r}" for r in row_ids)
     if len(set(ids)) != len(ids):
@@ -366,7 +398,8 @@ def _images_input(cfg: PipelineConfig, uri: str) -> InferInput:
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(base):].lstrip("/")
-        if any(part.startswith(".") for part in rel.split("/")) or os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
+        hidden = any(part.startswith(".") for part in rel.split("/"))
+        if hidden or os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
             skipped += 1
             continue
         mtime = info.mtime_ns if info.mtime_ns is not None else 0
@@ -413,14 +446,12 @@ def _decoded_batch(ids: list[str], sources: list[str], true_labels: list[int], p
 
 
 def decode_shard_batch(batch: Mapping[str, np.ndarray], spec: DecodeSpec, split: str) -> dict[str, np.ndarray]:
-    """Dataset shard rows -> pixels, as evaluation preprocesses them (:mod:`pipelines.data.stream`)."""
-    import torch
+    """Dataset shard rows -> pixels, as evaluation preprocesses them (:mod:`pipelines.data.stream`).
 
+    Runs fused into the model actors, so it leaves torch's thread count alone (the actor's)."""
     from .config import AugmentConfig
     from .data.stream import StreamSpec, build_transform, decode_chw
 
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
     h, w = spec.image_size
     n = len(batch["row_id"])
     stream = StreamSpec(size=(h, w), channels=spec.channels, train=False, augment=AugmentConfig(), seed=0,
@@ -448,7 +479,6 @@ def read_decode_files(batch: Mapping[str, np.ndarray], spec: DecodeSpec,
                       storage: StorageConfig) -> dict[str, np.ndarray]:
     """Raw image files -> pixels through prepare's guarded decoder; unreadable files -> errors."""
     from .data.validate import DecodeSettings, InvalidImage, decode_image
-    from .serving import resize_center_crop
 
     h, w = spec.image_size
     square = h == w
@@ -467,7 +497,9 @@ def read_decode_files(batch: Mapping[str, np.ndarray], spec: DecodeSpec,
             continue
         try:
             arr = decode_image(data, uri, settings).pixels
-            if not square:
+            if not square:  # prepare only crops squares; the packaged model's own resize handles (H, W)
+                from .serving import resize_center_crop
+
                 arr = resize_center_crop(arr, (h, w))
             pixels[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
         except InvalidImage as exc:
@@ -483,28 +515,33 @@ def read_decode_files(batch: Mapping[str, np.ndarray], spec: DecodeSpec,
 
 
 class BatchPredictor:
-    """Ray Data callable class: loads the pinned model once per actor, scores decoded batches.
+    """Ray Data callable class: builds the pinned model once per actor, scores decoded batches.
 
-    ``__call__`` takes the decode tasks' columns and returns an Arrow table in
+    ``package`` is the object-store reference (:func:`ray.put`) to the version's ``config.json``
+    and ``model.safetensors`` bytes, downloaded once by the driver: actors need no access to
+    the MLflow store or its artifact location, and a restarted actor rebuilds from the same
+    bytes. ``__call__`` takes the decode function's columns and returns an Arrow table in
     :data:`OUTPUT_SCHEMA`, one row per input row; rows with an ``error`` pass through with
     empty predictions.
     """
 
-    def __init__(self, model: ResolvedModel, top_k: int, use_gpu: bool = False, threads: int = 1):
+    def __init__(self, model: ResolvedModel, package: Any, top_k: int, use_gpu: bool = False, threads: int = 1):
+        import ray
         import torch
+        from safetensors.torch import load as load_safetensors
 
-        from .serving import ViTClassifier
+        from vit_model import VisionTransformer, ViTConfig
 
         if not use_gpu:
             torch.set_num_threads(max(1, int(threads)))
+        files = ray.get(package) if isinstance(package, ray.ObjectRef) else package
+        net = VisionTransformer(ViTConfig.from_dict(json.loads(files["config"])["config"]))
+        net.load_state_dict(load_safetensors(files["weights"]), strict=True)  # tensors only, nothing unpickled
         self.model_ref = model
         self.top_k = max(1, min(int(top_k), model.num_classes))
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self._tmp = tempfile.TemporaryDirectory(prefix="vit-infer-actor-")
-        paths = fetch_model_files(model.download_uri, model.tracking_uri, Path(self._tmp.name))
-        clf = ViTClassifier().load_artifacts(paths, device=str(self.device))  # safetensors, no pickle
-        self.net = clf.model
-        self.class_names = list(clf.class_names)
+        self.net = net.eval().to(self.device)
+        self.class_names = list(model.class_names)
         c = model.channels
         # (C, 1, 1), built like pipelines.data.stream's normalisation so the floats are identical
         self.mean = torch.tensor(model.mean, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
@@ -553,8 +590,11 @@ class BatchPredictor:
 # --------------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline: read -> decode tasks -> model actors (nothing runs yet)."""
+def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel, package: Any) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: read -> decode -> model actors (nothing runs yet).
+
+    ``package`` is what :class:`BatchPredictor` builds the model from: the object-store
+    reference of :func:`load_model_package`'s dict (or the dict itself)."""
     import ray.data
 
     ic = cfg.infer
@@ -577,31 +617,40 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel)
     threads = max(1, int(ic.cpus_per_actor))
     return ds.map_batches(
         BatchPredictor,
-        fn_constructor_kwargs={"model": model, "top_k": ic.top_k, "use_gpu": ic.use_gpu, "threads": threads},
+        fn_constructor_kwargs={"model": model, "package": package, "top_k": ic.top_k, "use_gpu": ic.use_gpu,
+                               "threads": threads},
         compute=ray.data.ActorPoolStrategy(size=ic.num_actors),
         batch_size=ic.batch_size, batch_format="numpy", num_cpus=ic.cpus_per_actor,
         num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=False,
     )
 
 
-def check_resources(cfg: PipelineConfig) -> None:
-    """Refuse settings the connected cluster can never schedule (Ray would wait forever)."""
+def check_resources(cfg: PipelineConfig, *, strict: bool = True) -> None:
+    """Refuse settings the cluster can never schedule: Ray would wait forever, without an error.
+
+    ``strict=False`` (a cluster we connected to, which may have an autoscaler adding nodes)
+    only warns."""
     import ray
 
     ic = cfg.infer
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    problems = []
     if ic.use_gpu and gpus < ic.num_actors:
-        raise ConfigError(
+        problems.append(
             f"infer.use_gpu=true with infer.num_actors={ic.num_actors} needs {ic.num_actors} GPU(s); the Ray cluster "
             f"has {gpus:g}. Set infer.use_gpu=false or lower infer.num_actors"
         )
     need = ic.num_actors * ic.cpus_per_actor + 1  # + one CPU for the read/decode/write tasks
     if need > cpus:
-        raise ConfigError(
+        problems.append(
             f"infer.num_actors={ic.num_actors} x infer.cpus_per_actor={ic.cpus_per_actor:g} plus 1 CPU for reading "
-            f"and decoding needs {need:g} CPUs; the Ray cluster has {cpus:g}. Lower them or add CPUs (ray.num_cpus)"
+            f"needs {need:g} CPUs; the Ray cluster has {cpus:g}. Lower them or add CPUs (ray.num_cpus)"
         )
+    if problems and strict:
+        raise ConfigError(problems[0])
+    for problem in problems:
+        log.warning("%s (waiting for the autoscaler, if the cluster has one)", problem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,7 +754,8 @@ def load_predictions(job_uri: str, storage: StorageConfig | None = None,
     for f in manifest["files"]:
         uri = st.join_uri(job_uri, f["path"])
         fs, path = st.resolve(uri, storage)
-        tables.append(st.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=columns), uri, "read", storage))
+        tables.append(st.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=columns), uri, "read",
+                                      storage))
     if not tables:
         return OUTPUT_SCHEMA.empty_table() if columns is None else OUTPUT_SCHEMA.empty_table().select(columns)
     return pa.concat_tables(tables)
@@ -773,8 +823,10 @@ def infer(cfg: PipelineConfig, *, input_uri: str, model_uri: str, job_name: str 
     inputs = resolve_input(cfg, input_uri)
     if inputs.kind == "dataset" and inputs.channels != model.channels:
         raise InferError(f"dataset {inputs.uri} has {inputs.channels}-channel images but {model.uri} takes "
-                         f"{model.channels}; prepare the data with data.channels={model.channels} or pick another model")
-    what = f"split {inputs.split!r} of dataset {inputs.uri}" if inputs.kind == "dataset" else f"images under {inputs.uri}"
+                         f"{model.channels}; prepare the data with data.channels={model.channels} "
+                         "or pick another model")
+    what = (f"split {inputs.split!r} of dataset {inputs.uri}" if inputs.kind == "dataset"
+            else f"images under {inputs.uri}")
     say(f"input: {inputs.count} {what}" + (f" ({inputs.skipped} non-image file(s) skipped)" if inputs.skipped else ""))
     if cfg.infer.top_k > model.num_classes:
         log.warning("infer.top_k=%d exceeds the model's %d classes; using %d", cfg.infer.top_k, model.num_classes,
@@ -785,8 +837,10 @@ def infer(cfg: PipelineConfig, *, input_uri: str, model_uri: str, job_name: str 
     attempt = f"{ATTEMPT_PREFIX}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
     data_uri = st.join_uri(job_uri, attempt)
     manifest_uri = st.join_uri(job_uri, MANIFEST)
+    package = load_model_package(model)  # downloaded once, here; the actors get it from the object store
+    local_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(cfg)
-    check_resources(cfg)
+    check_resources(cfg, strict=local_cluster)
     setup_s = time.monotonic() - started  # model + input resolution, Ray connection
 
     run_id = _start_mlflow_run(cfg, client, job, attempt, model, inputs)
@@ -794,7 +848,9 @@ def infer(cfg: PipelineConfig, *, input_uri: str, model_uri: str, job_name: str 
         say(f"job {job}: {cfg.infer.num_actors} actor(s) x {cfg.infer.cpus_per_actor:g} CPU"
             f"{' + 1 GPU' if cfg.infer.use_gpu else ''}, batch {cfg.infer.batch_size}, writing {data_uri}")
         ray_started = time.monotonic()
-        ds = build_dataset(cfg, inputs, model)
+        import ray
+
+        ds = build_dataset(cfg, inputs, model, ray.put(package))
         fs, path = st.resolve(data_uri, cfg.storage)
         ds.write_parquet(path, filesystem=fs, min_rows_per_file=MIN_ROWS_PER_FILE)
         ray_s = time.monotonic() - ray_started

@@ -485,7 +485,7 @@ def train(cfg: PipelineConfig, *, version=None, run_name: str | None = None, par
     latest = result.checkpoint.path if result.checkpoint else None
     if summary.get("stopped"):
         tracking.end_run(client, run_id, "FAILED")
-        where = f"the last good checkpoint is {_uri_of(cfg, latest)}" if latest else "no checkpoint was written"
+        where = f"the last good checkpoint is {checkpoint_uri(cfg, latest)}" if latest else "no checkpoint was written"
         raise TrainingStopped(f"training {run_name!r} stopped: {summary['stopped'].split(';')[0]}; {where}")
     if not result.best_checkpoints:
         tracking.end_run(client, run_id, "FAILED")
@@ -496,7 +496,7 @@ def train(cfg: PipelineConfig, *, version=None, run_name: str | None = None, par
         history = export_model(Path(d, "state"), spec, version, model_uri, cfg, use_ema=cfg.train.ema_decay > 0)
     out = TrainResult(
         run_name=run_name, mlflow_run_id=run_id, run_uri=run_uri, model_uri=model_uri,
-        best_checkpoint_uri=_uri_of(cfg, best_ckpt.path), latest_checkpoint_uri=_uri_of(cfg, latest),
+        best_checkpoint_uri=checkpoint_uri(cfg, best_ckpt.path), latest_checkpoint_uri=checkpoint_uri(cfg, latest),
         metrics={k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
         history=summary.get("history") or history, restarts=int(summary.get("restarts", 0)),
         dataset_uri=version.uri, dataset_version=version.version, seconds=time.time() - t0,
@@ -506,8 +506,8 @@ def train(cfg: PipelineConfig, *, version=None, run_name: str | None = None, par
     return out
 
 
-def _uri_of(cfg: PipelineConfig, ray_path: str | None) -> str | None:
-    """Ray's checkpoint path (fs path) as a storage URI."""
+def checkpoint_uri(cfg: PipelineConfig, ray_path: str | None) -> str | None:
+    """A checkpoint path as Ray reports it (a filesystem path) as a storage URI."""
     if ray_path is None:
         return None
     if st.is_s3(cfg.storage.uri):

@@ -198,7 +198,9 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
             if resume:
                 raise UserError(f"no sweep state to resume at {st.join_uri(cfg.storage.uri, 'tune', name)}; "
                                 "check tune.name (the sweep's name) or start it without --resume")
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, cfg.train.epochs),
+            # max_t one past the last epoch: ASHA stops a trial that reaches max_t right after its
+            # report, which would cut off the end of its training run (model export, MLflow close)
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, cfg.train.epochs) + 1,
                                       grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
             tuner = rt.Tuner(
                 trainable, param_space=space,
@@ -211,13 +213,14 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     except BaseException:
         tracking.end_run(client, parent_id, "FAILED")
         raise
-    result = _summarise(cfg, grid, name, parent_id, t0, client)
+    result = _summarise(cfg, grid, name, parent_id, t0, client, version)
     tracking.end_run(client, parent_id, "FINISHED")
     return result
 
 
-def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, client) -> TuneResult:
+def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, client, version) -> TuneResult:
     from .train import TASK as TRAIN_TASK
+    from .train import checkpoint_uri
 
     epochs = max(1, cfg.train.epochs)
     trials = []
@@ -235,7 +238,8 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
         if run is None:
             continue
         t["run_id"] = run.info.run_id
-        if run.info.status == "RUNNING":
+        # a trial that ASHA stopped was interrupted inside fit() (FAILED) or killed (RUNNING)
+        if run.info.status == "RUNNING" or (t["early_stopped"] and run.info.status == "FAILED"):
             client.set_tag(run.info.run_id, "pipeline.early_stopped", str(t["early_stopped"]).lower())
             client.set_terminated(run.info.run_id, status="KILLED")
     finished = [t for t in trials if t["metric"] is not None and not t["early_stopped"] and not t["error"]]
@@ -247,12 +251,14 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
     best_result = next(r for r in grid if r.config == best["config"] and (r.metrics or {}).get(cfg.tune.metric) == best["metric"])
     best_ckpt = (best_result.metrics or {}).get("checkpoint_path")
     model_uri = st.join_uri(cfg.storage.uri, "train", best["run_name"], "model")
+    if not st.exists(st.join_uri(model_uri, "config.json"), cfg.storage):
+        _export_best(cfg, best, best_ckpt, version, model_uri)
     result_uri = st.join_uri(cfg.storage.uri, "tune", name, "best.json")
     out = TuneResult(
         name=name, parent_run_id=parent_id, best_trial_id=best["trial_id"], best_config=best["config"],
         best_metrics={k: v for k, v in (best_result.metrics or {}).items() if isinstance(v, (int, float))},
         best_run_name=best["run_name"], best_run_id=best.get("run_id"),
-        best_checkpoint_uri=_ckpt_uri(cfg, best_ckpt), model_uri=model_uri, trials=trials, result_uri=result_uri,
+        best_checkpoint_uri=checkpoint_uri(cfg, best_ckpt), model_uri=model_uri, trials=trials, result_uri=result_uri,
         seconds=time.time() - t0,
     )
     st.write_json(result_uri, out.to_dict(), cfg.storage)
@@ -267,12 +273,22 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
     return out
 
 
-def _ckpt_uri(cfg: PipelineConfig, path: str | None) -> str | None:
-    if not path:
-        return None
-    if "://" in path:
-        return path
-    return f"s3://{path.lstrip('/')}" if st.is_s3(cfg.storage.uri) else st.parse_uri(path).__str__()
+def _export_best(cfg: PipelineConfig, best: dict[str, Any], checkpoint_path: str | None, version, model_uri: str) -> None:
+    """Export the best trial's model from its checkpoint when the trial did not (it was stopped
+    by the scheduler right after its last report, before its own export)."""
+    import tempfile
+
+    from .evaluate import download_dir
+    from .train import checkpoint_uri, export_model, make_spec
+
+    ckpt_uri = checkpoint_uri(cfg, checkpoint_path)
+    if ckpt_uri is None:
+        raise UserError(f"best trial {best['trial_id']} reported no checkpoint; cannot export its model")
+    trial_cfg = config_from_dict(to_dict(cfg), overrides_of(best["config"]))
+    spec = make_spec(trial_cfg, version, best.get("run_id"))
+    with tempfile.TemporaryDirectory() as tmp:
+        state = download_dir(st.join_uri(ckpt_uri, "state"), tmp, cfg)
+        export_model(state, spec, version, model_uri, trial_cfg, use_ema=trial_cfg.train.ema_decay > 0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

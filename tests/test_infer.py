@@ -373,3 +373,15 @@ def test_verify_output_drops_rows_written_twice_and_refuses_gaps(tmp_path):
     assert pq.read_table(data / "part-1.parquet").column("input_id").to_pylist() == ["d"]
     with pytest.raises(InferError, match=r"1 input\(s\) have no prediction row \(e.g. \['e'\]\)"):
         verify_output(f"file://{data}", ["a", "b", "c", "d", "e"], storage)
+
+
+@pytest.mark.integration
+def test_unschedulable_actor_pool_is_refused_not_left_waiting(ray_cluster, tmp_path):
+    from pipelines.infer import check_resources
+
+    store, db = f"file://{tmp_path}/store", f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(ConfigError, match=r"needs 5 CPUs; the Ray cluster has 4"):  # the fixture's 4 CPUs
+        check_resources(make_config(store, db, "infer.num_actors=4"))
+    with pytest.raises(ConfigError, match=r"infer.use_gpu=true .* needs 1 GPU\(s\); the Ray cluster has 0"):
+        check_resources(make_config(store, db, "infer.use_gpu=true"))
+    check_resources(make_config(store, db, "infer.num_actors=4"), strict=False)  # connected cluster: a warning
