@@ -369,6 +369,7 @@ def default_run_name(cfg: PipelineConfig, dataset_version: str) -> str:
 
 def ensure_ray(cfg: PipelineConfig) -> None:
     """Connect to ``ray.address`` / RAY_ADDRESS, or start a local cluster (loopback only)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
     import ray
 
     if ray.is_initialized():
@@ -377,14 +378,13 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
              _node_ip_address="127.0.0.1", configure_logging=False)
 
 
-def _storage_for_ray(cfg: PipelineConfig) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig from ``storage.uri``/train."""
-    uri = st.join_uri(cfg.storage.uri, "train")
+def ray_storage(cfg: PipelineConfig, subdir: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for a Train/Tune RunConfig at ``<storage.uri>/<subdir>``."""
+    uri = st.join_uri(cfg.storage.uri, subdir)
     local = st.local_path(uri)
     if local is not None:
         os.makedirs(local, exist_ok=True)
@@ -413,7 +413,7 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
 
     from .data.stream import build_dataset, train_data_config
 
-    storage_path, fs = _storage_for_ray(cfg)
+    storage_path, fs = ray_storage(cfg, "train")
     datasets = {"train": build_dataset(version, "train", cfg, start_epoch=start_epoch),
                 "val": build_dataset(version, "val", cfg, train=False)}
     run_config = RunConfig(

@@ -156,22 +156,12 @@ def _searcher(cfg: PipelineConfig):
     raise ConfigError(f"tune.search={cfg.tune.search!r} is not supported; use 'random' or 'optuna'")
 
 
-def _storage(cfg: PipelineConfig) -> tuple[str, Any]:
-    uri = st.join_uri(cfg.storage.uri, "tune")
-    local = st.local_path(uri)
-    if local is not None:
-        os.makedirs(local, exist_ok=True)
-        return local, None
-    fs, path = st.resolve(uri, cfg.storage)
-    return path, fs
-
-
 def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str | None = None) -> TuneResult:
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
 
     from .data.shards import dataset_from_config
-    from .train import ensure_ray
+    from .train import ensure_ray, ray_storage
 
     t0 = time.time()
     space = param_space(cfg)
@@ -184,7 +174,7 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     parent_id, _ = tracking.start_or_resume_run(cfg, name, TASK, tags={"dataset.version": version.version},
                                                 mlflow_client=client)
     tracking.log_text(client, parent_id, to_yaml(cfg), "config.yaml")
-    storage_path, fs = _storage(cfg)
+    storage_path, fs = ray_storage(cfg, "tune")
     trainable = rt.with_resources(
         rt.with_parameters(_trial, base=to_dict(cfg), sweep=name, parent_run_id=parent_id, version_uri=version.uri),
         {"CPU": 0.05},
