@@ -224,7 +224,7 @@ def main() -> None:
                     "ray_num_cpus": 4, "ray_data_task_torch_threads": 1},
         "load_average_at_start": os.getloadavg(),
     }
-    server = LocalS3Server(bucket="bench").start()
+    server = LocalS3Server(bucket="bench", die_with_parent=True).start()
     os.environ.update(server.env())
     import ray
 

@@ -46,17 +46,20 @@ def free_port() -> int:
 class LocalS3Server:
     """moto's S3 server in a child process on ``127.0.0.1:port``.
 
+    The server outlives this process until :meth:`stop` (what ``start`` and the dev stack need);
+    ``die_with_parent=True`` ends it with this process too, so a killed test run leaves no orphan.
     ``enforce_auth=True`` makes the server check request signatures against its own IAM
     (``INITIAL_NO_AUTH_ACTION_COUNT=0``), so unknown access keys are rejected the way real S3
     rejects them; tests use that to exercise the bad-credentials path.
     """
 
     def __init__(self, port: int | None = None, bucket: str | None = None, *,
-                 enforce_auth: bool = False, log_path: str | Path | None = None):
+                 enforce_auth: bool = False, log_path: str | Path | None = None, die_with_parent: bool = False):
         self.port = port or free_port()
         self.bucket = bucket
         self.enforce_auth = enforce_auth
         self.log_path = Path(log_path) if log_path else None
+        self.die_with_parent = die_with_parent  # True: end with this process (tests, benchmarks)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -82,13 +85,18 @@ class LocalS3Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
-        wait_until_up(self.url, timeout, self.proc)
-        if self.bucket:
-            create_bucket(self.url, self.bucket)
+        try:
+            wait_until_up(self.url, timeout, self.proc)
+            if self.bucket:
+                create_bucket(self.url, self.bucket)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -105,6 +113,16 @@ class LocalS3Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM us when the parent dies (a killed test run leaves no
+    orphan server). Elsewhere a no-op; ``stop()`` still ends the server normally."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_until_up(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -60,7 +60,7 @@ class S3Endpoint:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    server = LocalS3Server(bucket="test-bucket").start()
+    server = LocalS3Server(bucket="test-bucket", die_with_parent=True).start()
     saved = {k: os.environ.get(k) for k in server.env()}
     saved["AWS_ENDPOINT_URL"] = os.environ.pop("AWS_ENDPOINT_URL", None)
     saved["AWS_PROFILE"] = os.environ.pop("AWS_PROFILE", None)

@@ -41,7 +41,7 @@ def test_missing_bucket(s3_endpoint, capsys):
 
 @pytest.mark.integration
 def test_bad_credentials_are_denied_without_printing_them(s3_endpoint, monkeypatch, capsys):
-    with LocalS3Server(bucket=None, enforce_auth=True) as strict_server:  # checks keys like real S3
+    with LocalS3Server(bucket=None, enforce_auth=True, die_with_parent=True) as strict_server:  # checks keys like real S3
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
         code, out, err = run_cli(capsys, "--set", "storage.uri=s3://some-bucket/art",

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -180,3 +185,55 @@ def test_missing_s3_object_and_missing_bucket(s3_endpoint):
         f"bucket 'no-such-bucket' does not exist at the endpoint {s3_endpoint.url} (URI s3://no-such-bucket/x.json); "
         "create it (aws s3 mb s3://no-such-bucket, or python cluster/s3_server.py start --bucket no-such-bucket) or fix the URI"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The local endpoint itself
+# --------------------------------------------------------------------------------------------
+
+SCRIPT = str(Path(__file__).resolve().parents[1] / "cluster" / "s3_server.py")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split(")")[1].split()[0] != "Z"
+
+
+@pytest.mark.integration
+def test_s3_server_script_start_env_stop(tmp_path):
+    state = tmp_path / "state"
+    started = subprocess.run([sys.executable, SCRIPT, "start", "--bucket", "script-bucket", "--state-dir", str(state)],
+                             capture_output=True, text=True, timeout=60, check=True)
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+    pid = json.loads((state / "s3_server.json").read_text())["pid"]
+    try:
+        assert exports["AWS_ENDPOINT_URL_S3"].startswith("http://127.0.0.1:")
+        assert exports["AWS_ACCESS_KEY_ID"] == "testing"
+        env = subprocess.run([sys.executable, SCRIPT, "env", "--state-dir", str(state)],
+                             capture_output=True, text=True, timeout=30, check=True)
+        assert env.stdout == started.stdout
+        cfg = StorageConfig(s3_endpoint_url=exports["AWS_ENDPOINT_URL_S3"])
+        st.check_bucket("s3://script-bucket/x", cfg)  # the bucket was created
+    finally:
+        subprocess.run([sys.executable, SCRIPT, "stop", "--state-dir", str(state)], timeout=30, check=True)
+    assert not _alive(pid)
+    assert not (state / "s3_server.json").exists()
+
+
+@pytest.mark.integration
+def test_server_started_for_tests_dies_with_its_parent(tmp_path):
+    code = (f"import sys; sys.path.insert(0, {str(Path(SCRIPT).parent)!r}); from s3_server import LocalS3Server; "
+            "s = LocalS3Server(die_with_parent=True).start(); print(s.proc.pid, flush=True); import time; time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    assert _alive(server_pid)
+    parent.kill()  # a test run killed without teardown
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server_pid)
