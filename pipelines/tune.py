@@ -32,6 +32,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import storage as st
@@ -133,6 +134,18 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_
           callbacks=[TuneReportCallback()])
 
 
+def pinned_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with a local storage folder and the default MLflow store as absolute paths.
+
+    Tune runs each trial in its own working directory, so a relative ``file://./artifacts``
+    resolved inside a trial would put its checkpoints, model and MLflow runs somewhere else."""
+    local = st.local_path(cfg.storage.uri)
+    storage = dataclasses.replace(cfg.storage, uri=Path(local).resolve().as_uri()) if local is not None else cfg.storage
+    cfg = dataclasses.replace(cfg, storage=storage)
+    mlflow_cfg = dataclasses.replace(cfg.mlflow, tracking_uri=tracking.resolve_tracking_uri(cfg))
+    return dataclasses.replace(cfg, mlflow=mlflow_cfg)
+
+
 def max_concurrent(cfg: PipelineConfig) -> int:
     """Trials that fit the cluster at once: each needs its workers' CPUs plus ~1 CPU for Ray Data."""
     import ray
@@ -169,6 +182,7 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     name = name or cfg.tune.name or f"sweep-{version.version[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.tune.mode not in ("max", "min"):
         raise ConfigError(f"tune.mode={cfg.tune.mode!r} must be 'max' or 'min'")
+    cfg = pinned_paths(cfg)
     ensure_ray(cfg)
     client = tracking.client(cfg)
     parent_id, _ = tracking.start_or_resume_run(cfg, name, TASK, tags={"dataset.version": version.version},

@@ -90,3 +90,16 @@ def test_config_files_in_repo_load():
         data = yaml.safe_load(path.read_text())
         if isinstance(data, dict) and "space" not in data and "tune_space" not in data:
             load_config(path)
+
+
+def test_tune_pins_relative_storage_and_mlflow_paths(tmp_path, monkeypatch):
+    """Trials run in their own working directory: the sweep hands them absolute paths."""
+    from pipelines.tune import pinned_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = pinned_paths(load_config(None, ["storage.uri=file://./artifacts"]))
+    assert cfg.storage.uri == (tmp_path / "artifacts").as_uri()
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'artifacts' / 'mlflow.db'}"
+    s3 = pinned_paths(load_config(None, ["storage.uri=s3://bucket/x", "mlflow.tracking_uri=http://127.0.0.1:5000"]))
+    assert s3.storage.uri == "s3://bucket/x" and s3.mlflow.tracking_uri == "http://127.0.0.1:5000"
