@@ -81,6 +81,11 @@ class DataConfig:
     # drops at most world_size-1 rows per epoch. False = every row exactly once, uneven counts.
     shuffle: bool = True  # full random shuffle of the train split each epoch, seeded by (seed, epoch)
     read_threads: int = 8  # parallel reads/decodes while preparing (S3 latency)
+    # Decode each image once per training run and keep the uint8 pixels in Ray's object store, so
+    # an epoch only shuffles, augments and normalises (splits with one image size that fit this
+    # many decoded bytes; larger ones are decoded from the shards every epoch).
+    cache_decoded: bool = True
+    cache_max_bytes: int = 1 * 2**30
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -358,3 +363,39 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def pinned_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with every local path absolute: storage folder, MLflow store, data sources, inputs.
+
+    Steps and trials run in other processes with other working directories (Ray task workers
+    keep the cluster's, Tune trials get their own), so a relative ``file://./artifacts`` resolved
+    there would put checkpoints, models and MLflow runs somewhere else. Called by the driver
+    (``run``, ``tune``) before anything is shipped to the cluster. Remote URIs are untouched."""
+    import dataclasses
+
+    from . import storage as st
+    from . import tracking
+
+    def absolute_uri(uri: str | None) -> str | None:
+        if not uri or uri == "fashion-mnist" or uri.startswith("hf-hub:") or uri.startswith("models:"):
+            return uri
+        if "://" not in uri:
+            return str(Path(uri).resolve()) if Path(uri).exists() else uri
+        local = st.local_path(uri)
+        return Path(local).resolve().as_uri() if local is not None else uri
+
+    local_store = st.local_path(cfg.storage.uri)  # a plain path is a local folder too
+    if local_store is not None:
+        cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=Path(local_store).resolve().as_uri()))
+    tracking_uri = tracking.resolve_tracking_uri(cfg)
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
+    data = dataclasses.replace(cfg.data, source=absolute_uri(cfg.data.source),
+                               source_dir=absolute_uri(cfg.data.source_dir))
+    return dataclasses.replace(
+        cfg, data=data,
+        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=tracking_uri),
+        model=dataclasses.replace(cfg.model, pretrained=absolute_uri(cfg.model.pretrained)),
+        infer=dataclasses.replace(cfg.infer, input=absolute_uri(cfg.infer.input)),
+    )

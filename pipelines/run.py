@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from . import storage as st
 from . import tracking
-from .config import PipelineConfig, config_from_dict, to_dict
+from .config import PipelineConfig, config_from_dict, pinned_paths, to_dict
 from .errors import ConfigError, UserError
 
 TASK = "run"
@@ -206,6 +206,7 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
     if from_step is not None and from_step not in STEPS:
         raise ConfigError(f"--from {from_step!r} is not a step; steps: {', '.join(STEPS)}")
     steps = [s for s in STEPS if s in (only or cfg.workflow.steps)]
+    cfg = pinned_paths(cfg)  # steps run in Ray workers, whose working directory is not ours
     t0 = time.time()
     record = load_record(cfg)
     client = tracking.client(cfg)

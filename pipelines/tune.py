@@ -37,7 +37,7 @@ from typing import Any
 
 from . import storage as st
 from . import tracking
-from .config import PipelineConfig, config_from_dict, load_config, to_dict, to_yaml
+from .config import PipelineConfig, config_from_dict, load_config, pinned_paths, to_dict, to_yaml
 from .errors import ConfigError, UserError
 
 TASK = "tune"
@@ -132,18 +132,6 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_
     version = load_version(version_uri, cfg.storage)
     train(cfg, version=version, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id,
           callbacks=[TuneReportCallback()])
-
-
-def pinned_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with a local storage folder and the default MLflow store as absolute paths.
-
-    Tune runs each trial in its own working directory, so a relative ``file://./artifacts``
-    resolved inside a trial would put its checkpoints, model and MLflow runs somewhere else."""
-    local = st.local_path(cfg.storage.uri)
-    storage = dataclasses.replace(cfg.storage, uri=Path(local).resolve().as_uri()) if local is not None else cfg.storage
-    cfg = dataclasses.replace(cfg, storage=storage)
-    mlflow_cfg = dataclasses.replace(cfg.mlflow, tracking_uri=tracking.resolve_tracking_uri(cfg))
-    return dataclasses.replace(cfg, mlflow=mlflow_cfg)
 
 
 def max_concurrent(cfg: PipelineConfig) -> int:

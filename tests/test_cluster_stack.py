@@ -3,8 +3,9 @@
 The integration test starts the stack's S3 endpoint and ``mlflow server`` (real processes on
 127.0.0.1, free ports), registers one model over HTTP, reads it back through MLflow's REST API
 with urllib, checks the artifacts landed in the S3 bucket, and stops both by pid. The Ray head
-test (marked slow) starts the stack's Ray head and runs one ``ray job submit`` with the
-project's runtime env.
+test (marked slow) starts the stack's ``ray start --head`` and submits the whole workflow,
+``python -m pipelines run`` with a tiny config, through ``ray job submit`` with the project's
+runtime env; the job must end SUCCEEDED with every step's outputs on storage.
 """
 
 from __future__ import annotations
@@ -185,23 +186,49 @@ def test_register_against_the_stack_mlflow_server(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_ray_head_runs_a_submitted_job(tmp_path):
+def test_ray_job_submit_runs_the_pipeline(tmp_path, fmnist_idx):
+    """`ray job submit` of `pipelines run` (tiny config) on the stack's `ray start --head`."""
+    from test_run import TINY
+
+    from pipelines import storage as st
+    from pipelines.config import load_config
+    from pipelines.run import load_record
+
+    store = tmp_path / "store"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"uri": f"file://{store}"},
+                                      "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                                      "data": {"source_dir": str(fmnist_idx.folder)},
+                                      "workflow": {"name": "submitted"}}))
     stack = DevStack(tmp_path / "state")
     try:
         stack.start(["ray"])
         env = {**os.environ, **stack.env()}
         info = stack.state["services"]["ray"]
         assert info["address"].startswith("127.0.0.1:") and info["dashboard"].startswith("http://127.0.0.1:")
-        code = ("import os, pipelines, vit_model, ray; ray.init(); "
-                "print('JOB-OK', int(ray.cluster_resources()['CPU']), os.path.isdir('.venv'))")
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        sets = [arg for kv in TINY for arg in ("--set", kv)]
         proc = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(ROOT),
+            [ray_cli, "job", "submit", "--submission-id", "pipeline-tiny", "--working-dir", str(ROOT),
              "--runtime-env", str(CLUSTER / "runtime_env.yaml"), "--entrypoint-num-cpus", "0.1", "--",
-             "python", "-c", code],
-            env=env, capture_output=True, text=True, timeout=300,
+             "python", "-m", "pipelines", "run", "--config", str(config), *sets],
+            env=env, capture_output=True, text=True, timeout=600,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "JOB-OK 4 False" in proc.stdout  # 4 logical CPUs; .venv was not uploaded
+        status = subprocess.run([ray_cli, "job", "status", "pipeline-tiny"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
+
+        # The job's outputs are on storage: every step recorded as succeeded, predictions complete.
+        record = load_record(load_config(str(config), TINY))
+        assert {k: v.status for k, v in record.items()} == {
+            s: "succeeded" for s in ("prepare", "search", "evaluate", "register", "infer")}
+        infer_out = record["infer"].outputs
+        assert infer_out["input_count"] == infer_out["output_count"] == len(fmnist_idx.test_labels)
+        assert infer_out["manifest_uri"].startswith(f"file://{store}/predictions/")
+        assert st.exists(infer_out["manifest_uri"])
+        # The driver's progress reached the submitter's terminal, ending with the summary.
+        assert "[infer] done" in proc.stdout and "test accuracy:" in proc.stdout, proc.stdout[-3000:]
     finally:
         temp_dir = stack.state.get("services", {}).get("ray", {}).get("temp_dir")
         pid = stack.state.get("services", {}).get("ray", {}).get("pid")

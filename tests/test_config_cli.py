@@ -92,9 +92,9 @@ def test_config_files_in_repo_load():
             load_config(path)
 
 
-def test_tune_pins_relative_storage_and_mlflow_paths(tmp_path, monkeypatch):
-    """Trials run in their own working directory: the sweep hands them absolute paths."""
-    from pipelines.tune import pinned_paths
+def test_pinned_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
+    """Trials and workflow steps run in other working directories: the driver hands them absolute paths."""
+    from pipelines.config import pinned_paths
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -103,3 +103,12 @@ def test_tune_pins_relative_storage_and_mlflow_paths(tmp_path, monkeypatch):
     assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'artifacts' / 'mlflow.db'}"
     s3 = pinned_paths(load_config(None, ["storage.uri=s3://bucket/x", "mlflow.tracking_uri=http://127.0.0.1:5000"]))
     assert s3.storage.uri == "s3://bucket/x" and s3.mlflow.tracking_uri == "http://127.0.0.1:5000"
+    (tmp_path / "idx").mkdir()
+    other = pinned_paths(load_config(None, ["storage.uri=store", "mlflow.tracking_uri=sqlite:///runs.db",
+                                            "data.source_dir=idx", "infer.input=file://new-images",
+                                            "model.pretrained=hf-hub:timm/vit_tiny_patch16_224"]))
+    assert other.storage.uri == (tmp_path / "store").as_uri()
+    assert other.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'runs.db'}"
+    assert other.data.source_dir == str(tmp_path / "idx") and other.data.source == "fashion-mnist"
+    assert other.infer.input == (tmp_path / "new-images").as_uri()
+    assert other.model.pretrained == "hf-hub:timm/vit_tiny_patch16_224"

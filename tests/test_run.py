@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines import storage as st
@@ -49,3 +51,35 @@ def test_cached_rerun_and_resume_after_failed_register(ray_cluster, fmnist_idx, 
     fourth = run(cfg, from_step="infer")
     assert fourth.executed == ["infer"] and fourth.skipped == ["prepare", "search", "evaluate", "register"]
     assert fourth.outputs["infer"]["output_count"] == infer_out["output_count"]
+
+
+def test_sweep_workflow_with_relative_storage(ray_cluster, fmnist_idx, tmp_path, monkeypatch):
+    """The README's main job shape: search=tune, `file://./…` storage, the default sqlite store.
+
+    The Ray workers and Tune trials run in other working directories; every output must still
+    land under the driver's ./store."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "main.yaml").write_text(yaml.safe_dump({
+        "storage": {"uri": "file://./store"},
+        "data": {"source_dir": str(fmnist_idx.folder)},
+        "train": {"warmup_epochs": 0.2},
+        "tune": {"name": "sweep", "num_samples": 1, "grace_period": 1, "max_concurrent_trials": 1,
+                 "space": {"train.lr": {"grid": [0.003, 0.001]}}},
+    }))
+    overrides = [kv for kv in TINY if not kv.startswith("workflow.search")] + ["workflow.search=tune"]
+    result = run(load_config("main.yaml", overrides))
+    assert result.executed == ["prepare", "search", "evaluate", "register", "infer"]
+
+    store = tmp_path / "store"
+    out = result.outputs
+    assert (store / "tune" / "sweep").is_dir() and out["search"]["tune_parent_run_id"]
+    for uri in (out["search"]["model_uri"], out["search"]["checkpoint_uri"], out["infer"]["manifest_uri"]):
+        assert uri.startswith(store.as_uri() + "/"), uri
+        assert st.exists(uri), uri
+    assert (store / "mlflow.db").is_file() and (store / "runs" / "local" / "record.json").is_file()
+    assert not (repo / "store").exists()
+    assert out["infer"]["output_count"] == out["prepare"]["counts"]["test"]

@@ -19,6 +19,7 @@ from pipelines.data.shards import read_split
 from pipelines.data.stream import (
     batch_seed,
     build_dataset,
+    cache_decoded,
     iter_local_batches,
     preprocess_batch,
     stream_spec,
@@ -128,8 +129,11 @@ def _epoch_order(dataset) -> list[int]:
 
 
 @pytest.mark.integration
-def test_ray_dataset_per_epoch_order_is_seeded(ray_cluster, s3_ds):
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded-cache", "decode-each-epoch"])
+def test_ray_dataset_per_epoch_order_is_seeded(ray_cluster, s3_ds, cache):
     cfg, ds = s3_ds
+    cfg = make_cfg(cfg.storage.uri, cfg.data.source_dir, f"data.cache_decoded={str(cache).lower()}")
+    assert cache_decoded(ds, "train", cfg) is cache
     n = ds.count("train")
     dataset = build_dataset(ds, "train", cfg)
     dataset.context.execution_options.preserve_order = True  # what train_data_config sets
@@ -145,8 +149,10 @@ def test_ray_dataset_per_epoch_order_is_seeded(ray_cluster, s3_ds):
 
 
 @pytest.mark.integration
-def test_ray_path_matches_the_plain_path(ray_cluster, s3_ds):
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded-cache", "decode-each-epoch"])
+def test_ray_path_matches_the_plain_path(ray_cluster, s3_ds, cache):
     cfg, ds = s3_ds
+    cfg = make_cfg(cfg.storage.uri, cfg.data.source_dir, f"data.cache_decoded={str(cache).lower()}")
     ray_rows = {}
     for b in build_dataset(ds, "val", cfg).iter_batches(batch_size=32, batch_format="numpy"):
         for rid, img, label in zip(b["row_id"], b["image"], b["label"]):

@@ -21,7 +21,11 @@ The pipeline is ``read_parquet`` over the shard URIs of the manifest (pyarrow fi
 :mod:`pipelines.storage`, so S3 endpoints work) -> for training, ``random_shuffle`` seeded by
 ``(train.seed, epoch)`` -> ``map_batches`` that decodes the PNGs and applies the
 ``torchvision.transforms.v2`` augmentation configured in ``data.augment`` (crop/flip/
-RandAugment or TrivialAugment) and normalises. Ray Train hands each worker its part through
+RandAugment or TrivialAugment) and normalises. With ``data.cache_decoded`` (default) a split with
+one image size that fits ``data.cache_max_bytes`` is decoded once per run into uint8 blocks in
+the object store (``materialize``); each epoch then shuffles those blocks and only augments and
+normalises — on a 2-core machine PNG decoding every epoch competes with the training workers
+for the same cores. Ray Train hands each worker its part through
 ``streaming_split`` (``get_dataset_shard``); every iteration of a shard is one epoch.
 
 Epochs and determinism
@@ -171,7 +175,10 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threa
     """
     if limit_threads and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    pixels = [decode_chw(b) for b in batch["image"]]
+    if "pixels" in batch:  # already decoded (see decode_batch / data.cache_decoded)
+        pixels = list(torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
+    else:
+        pixels = [decode_chw(b) for b in batch["image"]]
     row_ids = np.asarray(batch["row_id"], dtype=np.int64)
     n, (h, w), c = len(pixels), spec.size, spec.channels
     out = torch.empty((n, c, h, w), dtype=torch.uint8)
@@ -204,6 +211,24 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threa
 # --------------------------------------------------------------------------------------------
 
 
+def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Shard rows -> ``{"pixels": uint8 (N, C, H, W), "label", "row_id"}`` (one image size)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    pixels = np.stack([decode_chw(b).numpy() for b in batch["image"]])
+    return {"pixels": pixels, "label": np.asarray(batch["label"], dtype=np.int64),
+            "row_id": np.asarray(batch["row_id"], dtype=np.int64)}
+
+
+def cache_decoded(version: DatasetVersion, split: str, cfg: PipelineConfig) -> bool:
+    """Whether :func:`build_dataset` keeps ``split`` decoded in the object store (``data.cache_decoded``)."""
+    if not cfg.data.cache_decoded or version.image_size is None:
+        return False
+    h, w = version.image_size
+    return version.count(split) * version.channels * h * w <= cfg.data.cache_max_bytes
+
+
+
 def _read_paths(version: DatasetVersion, split: str, storage: StorageConfig | None) -> tuple[list[str], Any]:
     uris = version.shard_uris(split)
     if not uris:
@@ -230,6 +255,9 @@ def build_dataset(version: DatasetVersion, split: str, cfg: PipelineConfig, *, t
     # Ray packs small files into few read tasks; blocks of a few MB let decode run in parallel
     # and give the shuffle (whose output has as many blocks as its input) a useful grain.
     ds = ds.repartition(target_num_rows_per_block=rows_per_block(version, split))
+    if cache_decoded(version, split, cfg):
+        # decoded once, here on the driver's behalf; every epoch then starts from these blocks
+        ds = ds.map_batches(decode_batch, batch_size=MAP_BATCH_SIZE, batch_format="numpy").materialize()
     if train and cfg.data.shuffle:
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
         _start_at_epoch(ds, start_epoch)
@@ -273,11 +301,9 @@ def _start_at_epoch(ds: "ray.data.Dataset", epoch: int) -> None:
     dataset's DataContext (``_execution_idx``, no public setter in Ray 2.60). If that attribute
     ever disappears, resumed runs still shuffle deterministically, just not like the original.
     """
-    if epoch == 0:
-        return
-    if hasattr(ds.context, "_execution_idx"):
+    if hasattr(ds.context, "_execution_idx"):  # set even for 0: materialize() counted as an execution
         ds.context._execution_idx = int(epoch)
-    else:  # pragma: no cover - depends on the Ray version
+    elif epoch:  # pragma: no cover - depends on the Ray version
         log.warning("this Ray version has no execution index; epoch %d will not repeat the original run's order", epoch)
 
 
