@@ -6,7 +6,8 @@ already decoded and normalised in memory — no Ray, no data pipeline. Measured:
 DDP over gloo) with 1 and 2 workers, same model, same global batch. Epoch time is the time of
 the last epoch (the first pays for worker start-up and warm-up); ratio = Ray / plain (goal
 <= 1.05). Same threads in total: the plain loop uses ``--threads`` (default 2) torch threads,
-Ray workers split them.
+Ray workers split them. The 2-worker run is repeated with ``data.cache_decoded=false`` (PNG
+decode every epoch instead of once per run).
 
     python benchmarks/bench_train.py [--train-images 12000] [--epochs 2] [--out benchmarks/results/train.json]
 """
@@ -89,18 +90,20 @@ def main() -> None:
              "train_images_per_s": plain["images_per_s"]}]
     print(f"plain loop      : last epoch {plain['epoch_seconds']:.1f} s, {plain['images_per_s']:.0f} img/s in the loop", flush=True)
 
-    for workers in (1, 2):
+    for workers, cache in ((1, True), (2, True), (2, False)):
         per_worker = max(1, args.threads // workers)
         cfg_w = load_config(None, base + [f"train.num_workers={workers}", f"train.cpus_per_worker={per_worker}",
-                                          f"train.run_name=bench-{workers}w", "ray.num_cpus=4"])
+                                          f"train.run_name=bench-{workers}w-{cache}", "ray.num_cpus=4",
+                                          f"data.cache_decoded={str(cache).lower()}"])
         t0 = time.time()
         result = train(cfg_w, version=version)
         last = result.history[-1]
-        rows.append({"mode": "ray_train", "workers": workers, "epoch_seconds": last["epoch_seconds"],
+        rows.append({"mode": "ray_train", "workers": workers, "cache_decoded": cache, "epoch_seconds": last["epoch_seconds"],
                      "train_images_per_s": last["images_per_s"], "wall_seconds": time.time() - t0,
                      "ratio_vs_plain": last["epoch_seconds"] / plain["epoch_seconds"]})
-        print(f"ray train {workers} wkr: last epoch {last['epoch_seconds']:.1f} s, {last['images_per_s']:.0f} img/s in the loop, "
-              f"ratio vs plain {rows[-1]['ratio_vs_plain']:.3f} (wall {rows[-1]['wall_seconds']:.0f} s incl. start-up)", flush=True)
+        print(f"ray train {workers} wkr, cache_decoded={cache}: last epoch {last['epoch_seconds']:.1f} s, "
+              f"{last['images_per_s']:.0f} img/s in the loop, ratio vs plain {rows[-1]['ratio_vs_plain']:.3f} "
+              f"(wall {rows[-1]['wall_seconds']:.0f} s incl. start-up)", flush=True)
 
     import ray
 
