@@ -101,6 +101,7 @@ from . import storage as st
 from . import tracking
 from .config import PipelineConfig, StorageConfig
 from .data.shards import FORMAT as DATASET_FORMAT
+from .data.stream import read_shards
 from .errors import ConfigError, DataError, UserError
 
 if TYPE_CHECKING:
@@ -602,7 +603,9 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel,
     if inputs.kind == "dataset":
         fs, _ = st.resolve(inputs.shard_uris[0], cfg.storage)
         paths = [st.parse_uri(u).fs_path for u in inputs.shard_uris]
-        ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image", "label", "row_id", "source_id"])
+        # V1 reader, as for training: the default one deadlocks when the cluster's CPUs are held
+        # (here: by the model actors, or a sweep's last placement group still being released)
+        ds = read_shards(paths, fs, ["image", "label", "row_id", "source_id"])
         # Blocks of at most one batch: Ray Data merges small shards into one block (bytes, not compute,
         # decide its block size), which would leave all but one actor idle.
         ds = ds.repartition(target_num_rows_per_block=ic.batch_size)

@@ -265,7 +265,7 @@ def build_dataset(version: DatasetVersion, split: str, cfg: PipelineConfig, *, t
                           batch_format="numpy")
 
 
-def read_shards(paths: list[str], filesystem: Any) -> "ray.data.Dataset":
+def read_shards(paths: list[str], filesystem: Any, columns: list[str] | None = None) -> "ray.data.Dataset":
     """``read_parquet`` over explicit shard paths with Ray Data's V1 Parquet reader.
 
     Ray 2.60's default (V2) reader lists files in a 1-CPU task that then creates footer-reader
@@ -283,7 +283,7 @@ def read_shards(paths: list[str], filesystem: Any) -> "ray.data.Dataset":
         ds = ray.data.read_parquet(paths, filesystem=filesystem)
     finally:
         ctx.use_datasource_v2 = previous
-    return ds.select_columns(READ_COLUMNS)  # (read_parquet's columns= is deprecated)
+    return ds.select_columns(columns or READ_COLUMNS)  # (read_parquet's columns= is deprecated)
 
 
 def rows_per_block(version: DatasetVersion, split: str) -> int:
