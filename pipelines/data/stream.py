@@ -228,7 +228,6 @@ def cache_decoded(version: DatasetVersion, split: str, cfg: PipelineConfig) -> b
     return version.count(split) * version.channels * h * w <= cfg.data.cache_max_bytes
 
 
-
 def _read_paths(version: DatasetVersion, split: str, storage: StorageConfig | None) -> tuple[list[str], Any]:
     uris = version.shard_uris(split)
     if not uris:
