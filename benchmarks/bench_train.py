@@ -9,7 +9,8 @@ the last epoch (the first pays for worker start-up and warm-up); ratio = Ray / p
 Ray workers split them. The 2-worker run is repeated with ``data.cache_decoded=false`` (PNG
 decode every epoch instead of once per run).
 
-    python benchmarks/bench_train.py [--train-images 12000] [--epochs 2] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py [--train-images 12000] [--epochs 2] [--runs 1:cache 2:cache 2:nocache]
+                                     [--out benchmarks/results/train.json]
 """
 
 from __future__ import annotations
@@ -65,8 +66,16 @@ def main() -> None:
     p.add_argument("--model", nargs="*", default=["model.embed_dim=64", "model.depth=6", "model.num_heads=4",
                                                   "model.patch_size=4"])
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--runs", nargs="*", default=["1:cache", "2:cache", "2:nocache"],
+                   help="Ray Train runs as WORKERS:cache|nocache (data.cache_decoded on/off)")
     p.add_argument("--out", default="benchmarks/results/train.json")
     args = p.parse_args()
+    runs = []
+    for r in args.runs:
+        w, _, mode = r.partition(":")
+        if not w.isdigit() or int(w) < 1 or mode not in ("cache", "nocache"):
+            p.error(f"--runs {r!r}: use WORKERS:cache or WORKERS:nocache, e.g. 2:cache")
+        runs.append((int(w), mode == "cache"))
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     n_val = args.train_images // 9
@@ -90,7 +99,7 @@ def main() -> None:
              "train_images_per_s": plain["images_per_s"]}]
     print(f"plain loop      : last epoch {plain['epoch_seconds']:.1f} s, {plain['images_per_s']:.0f} img/s in the loop", flush=True)
 
-    for workers, cache in ((1, True), (2, True), (2, False)):
+    for workers, cache in runs:
         per_worker = max(1, args.threads // workers)
         cfg_w = load_config(None, base + [f"train.num_workers={workers}", f"train.cpus_per_worker={per_worker}",
                                           f"train.run_name=bench-{workers}w-{cache}", "ray.num_cpus=4",

@@ -378,8 +378,8 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-             _node_ip_address="127.0.0.1", configure_logging=False)
+    ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=cfg.ray.include_dashboard,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", configure_logging=False)
 
 
 def ray_storage(cfg: PipelineConfig, subdir: str) -> tuple[str, Any]:
