@@ -6,8 +6,8 @@ already decoded and normalised in memory — no Ray, no data pipeline. Measured:
 DDP over gloo) with 1 and 2 workers, same model, same global batch. Epoch time is the time of
 the last epoch (the first pays for worker start-up and warm-up); ratio = Ray / plain (goal
 <= 1.05). Same threads in total: the plain loop uses ``--threads`` (default 2) torch threads,
-Ray workers split them. The 2-worker run is repeated with ``data.cache_decoded=false`` (PNG
-decode every epoch instead of once per run).
+Ray workers split them. ``--runs`` picks the Ray runs; by default the 2-worker run is repeated
+with ``data.cache_decoded=false`` (PNG decode every epoch instead of once per run).
 
     python benchmarks/bench_train.py [--train-images 12000] [--epochs 2] [--runs 1:cache 2:cache 2:nocache]
                                      [--out benchmarks/results/train.json]

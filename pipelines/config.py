@@ -178,7 +178,7 @@ class InferConfig:
 class RayConfig:
     address: str | None = None  # None = RAY_ADDRESS or a local cluster
     num_cpus: int | None = None  # only for a local cluster started by the pipeline
-    # Local cluster only: the dashboard on 127.0.0.1:8265. Ray Train V2's placement-group cleaner
+    # Local cluster only: the dashboard on 127.0.0.1 (port 8265 or the next free one). Ray Train V2's placement-group cleaner
     # polls the state API it serves; without it that actor logs a warning every second or two.
     include_dashboard: bool = True
 
