@@ -144,7 +144,7 @@ def write_png_tree(version, split: str, cfg, root: Path) -> list[tuple[str, int]
 
 
 def train_step_rate(cfg, version, threads: int, batch_size: int, steps: int, repeats: int) -> dict:
-    from pipelines.train import model_config_for
+    from pipelines.train_worker import model_config_for
     from vit_model import VisionTransformer
 
     torch.set_num_threads(threads)

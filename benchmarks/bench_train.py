@@ -1,6 +1,6 @@
 """Ray Train overhead: epoch time of Ray Train (1 and 2 workers) vs the same loop in one process.
 
-Baseline: :func:`pipelines.train.train_worker` in this process (``LocalSession``) over batches
+Baseline: :func:`pipelines.train_worker.train_worker` in this process (``LocalSession``) over batches
 already decoded and normalised in memory — no Ray, no data pipeline. Measured: the full
 ``python -m pipelines train`` path (TorchTrainer, Ray Data streaming from the Parquet shards,
 DDP over gloo) with 1 and 2 workers, same model, same global batch. Epoch time is the time of
@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.config import load_config  # noqa: E402
 from pipelines.data.stream import iter_local_batches  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
-from pipelines.train import EpochData, LocalSession, make_spec, train, train_worker  # noqa: E402
+from pipelines.train import train  # noqa: E402
+from pipelines.train_worker import EpochData, LocalSession, train_worker  # noqa: E402
+from pipelines.trainer import make_spec  # noqa: E402
 
 
 def subset_idx(folder: Path, n_train: int, n_test: int) -> None:

@@ -11,6 +11,7 @@ Secrets never live here: S3 credentials come from the standard AWS environment /
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -183,12 +184,15 @@ class RayConfig:
     include_dashboard: bool = True
 
 
+WORKFLOW_STEPS = ("prepare", "search", "evaluate", "register", "infer")  # the order `run` executes them in
+
+
 @dataclass
 class WorkflowConfig:
     """``python -m pipelines run``: which steps, and how failures are retried."""
 
     name: str = "local"  # run record at <storage>/runs/<name>/record.json
-    steps: list[str] = field(default_factory=lambda: ["prepare", "search", "evaluate", "register", "infer"])
+    steps: list[str] = field(default_factory=lambda: list(WORKFLOW_STEPS))
     search: str = "tune"  # tune (ASHA sweep) | train (one run with the train section)
     retries: int = 1  # extra attempts for a failed step (not for input errors)
     retry_backoff_s: float = 5.0  # first retry delay; doubles each attempt
@@ -235,7 +239,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """A config from a plain (YAML-like) dict plus ``key=value`` overrides; ``raw`` is not modified."""
-    import copy
+
 
     data = copy.deepcopy(raw)
     for item in overrides:
@@ -366,39 +370,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def pinned_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with every local path absolute: storage folder, MLflow store, data sources, inputs.
-
-    Steps and trials run in other processes with other working directories (Ray task workers
-    keep the cluster's, Tune trials get their own), so a relative ``file://./artifacts`` resolved
-    there would put checkpoints, models and MLflow runs somewhere else. Called by the driver
-    (``run``, ``tune``) before anything is shipped to the cluster. Remote URIs are untouched."""
-    import dataclasses
-
-    from . import storage as st
-    from . import tracking
-
-    def absolute_uri(uri: str | None) -> str | None:
-        if not uri or uri == "fashion-mnist" or uri.startswith("hf-hub:") or uri.startswith("models:"):
-            return uri
-        if "://" not in uri:
-            return str(Path(uri).resolve()) if Path(uri).exists() else uri
-        local = st.local_path(uri)
-        return Path(local).resolve().as_uri() if local is not None else uri
-
-    local_store = st.local_path(cfg.storage.uri)  # a plain path is a local folder too
-    if local_store is not None:
-        cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=Path(local_store).resolve().as_uri()))
-    tracking_uri = tracking.resolve_tracking_uri(cfg)
-    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
-        tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
-    data = dataclasses.replace(cfg.data, source=absolute_uri(cfg.data.source),
-                               source_dir=absolute_uri(cfg.data.source_dir))
-    return dataclasses.replace(
-        cfg, data=data,
-        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=tracking_uri),
-        model=dataclasses.replace(cfg.model, pretrained=absolute_uri(cfg.model.pretrained)),
-        infer=dataclasses.replace(cfg.infer, input=absolute_uri(cfg.infer.input)),
-    )

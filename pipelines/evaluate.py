@@ -25,8 +25,11 @@ from vit_model import from_pretrained
 from . import storage as st
 from . import tracking
 from .config import PipelineConfig
+from .data.shards import DatasetVersion, dataset_from_config
+from .data.stream import iter_local_batches
 from .engine import evaluate as evaluate_batches
 from .errors import UserError
+from .plots import plot_confusion
 
 TASK = "evaluate"
 
@@ -47,41 +50,6 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def download_dir(uri: str, local_dir: str | Path, cfg: PipelineConfig) -> Path:
-    """Copy the files of a flat storage folder (a model directory) to ``local_dir``."""
-    local = st.local_path(uri)
-    if local is not None and Path(local).is_dir():
-        return Path(local)
-    out = Path(local_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = st.list_files(uri, cfg.storage, recursive=False)
-    if not files:
-        raise UserError(f"no model files at {uri}; pass the model URI printed by `python -m pipelines train`")
-    for entry in files:
-        name = entry.uri.rstrip("/").rsplit("/", 1)[-1]
-        (out / name).write_bytes(st.read_bytes(entry.uri, cfg.storage))
-    return out
-
-
-def latest_model_uri(cfg: PipelineConfig, run_id: str | None = None) -> tuple[str, str | None]:
-    """(model URI, training run id) from a run id, or from the newest finished training run."""
-    client = tracking.client(cfg)
-    if run_id:
-        run = client.get_run(run_id)
-    else:
-        runs = client.search_runs([tracking.experiment_id(cfg, client)],
-                                  filter_string=f"tags.`{tracking.TASK_TAG}` = 'train' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.end_time DESC"], max_results=1)
-        if not runs:
-            raise UserError(f"no finished training run in MLflow experiment {cfg.mlflow.experiment_name!r}; "
-                            "run `python -m pipelines train` first or pass --model URI")
-        run = runs[0]
-    uri = run.data.tags.get("pipeline.model_uri")
-    if not uri:
-        raise UserError(f"MLflow run {run.info.run_id} has no pipeline.model_uri tag; pass --model URI")
-    return uri, run.info.run_id
-
-
 def eval_config(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
     """``cfg`` with the preprocessing the weights were trained with (mean, std, size)."""
     augment = cfg.data.augment
@@ -96,21 +64,21 @@ def eval_config(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
 
 def score(model: torch.nn.Module, version, split: str, cfg: PipelineConfig, batch_size: int = 256) -> dict[str, Any]:
     """engine.evaluate over a whole split read without Ray (every row, in order)."""
-    from .data.stream import iter_local_batches
-
     batches = iter_local_batches(version, split, cfg, batch_size=batch_size, train=False)
     return evaluate_batches(model, batches, device=torch.device("cpu"), num_classes=version.num_classes)
 
 
 def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str | None = None, split: str = "test",
-             version=None, log: bool = True) -> EvalResult:
-    from .data.shards import dataset_from_config
-
+             version: DatasetVersion | None = None, log: bool = True) -> EvalResult:
     train_run_id = run_id
     if model_uri is None:
-        model_uri, train_run_id = latest_model_uri(cfg, run_id)
+        model_uri, train_run_id = tracking.latest_model_uri(cfg, run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        model, meta = from_pretrained(download_dir(model_uri, tmp, cfg), return_meta=True)
+        try:
+            folder = st.download_dir(model_uri, tmp, cfg.storage)
+        except st.ObjectNotFound:
+            raise UserError(f"no model files at {model_uri}; pass the model URI printed by `python -m pipelines train`") from None
+        model, meta = from_pretrained(folder, return_meta=True)
     model.eval()
     train_run_id = train_run_id or meta.get("mlflow_run_id")
     if version is None:
@@ -137,8 +105,6 @@ def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str |
 
 
 def _log(cfg: PipelineConfig, run_id: str, result: EvalResult, classes: list[str]) -> None:
-    from .plots import plot_confusion
-
     client = tracking.client(cfg)
     split = result.split
     per_class = {f"{split}_acc_{name}": v for name, v in result.per_class_acc.items() if v is not None}
@@ -147,12 +113,6 @@ def _log(cfg: PipelineConfig, run_id: str, result: EvalResult, classes: list[str
         path = plot_confusion(result.confusion, classes, Path(tmp, f"{split}_confusion_matrix.png"), title=f"{split} split")
         client.log_artifact(run_id, str(path))
     tracking.log_json(client, run_id, result.to_dict(), f"evaluation-{split}.json")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", dest="model_uri", help="vit_model directory URI (default: newest finished training)")
-    parser.add_argument("--run-id", help="MLflow training run whose model to evaluate")
-    parser.add_argument("--split", default="test", help="dataset split to score (default: test)")
 
 
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:

@@ -250,11 +250,6 @@ def summary_lines(ds: DatasetVersion) -> list[str]:
     return lines
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verify", action="store_true",
-                        help="re-read every shard afterwards and check its sha256 and row count")
-
-
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     ds = prepare(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     for line in summary_lines(ds):

@@ -2,76 +2,38 @@
 
     python -m pipelines register --config FILE [--model-dir URI] [--run-id RUN] [--set key=value ...]
 
-``--model-dir`` defaults, like evaluate's ``--model``, to the model exported by ``--run-id`` or by
-the newest finished training run. From Python: :func:`register` (any test data) and
-:func:`register_from_workflow` (the test split of a dataset version, for ``run``).
-
-Packaging
-    The input is a vit_model directory (``save_pretrained``: ``config.json`` + ``model.safetensors``,
-    local path, ``file://`` or ``s3://``). Only those two files are read, whatever else the folder
-    holds: a planted ``evil.pkl`` or ``pytorch_model.bin`` is never opened. The pyfunc model is
-    logged as *models from code* (``pipelines/serving_model.py``), so MLflow writes no
-    ``python_model.pkl``; its artifacts are the weights, ``config.json``, ``class_names.json`` and
-    ``preprocessing.json`` (see :mod:`pipelines.serving`), its code ``vit_model/`` and
-    ``serving.py``, with a signature and an input example. Before logging, the staged tree is
-    scanned and refused if anything in it looks like a pickle (:func:`find_pickles`).
-
-The model's ``meta`` (written by train) supplies ``class_names``, ``mean``, ``std`` and
-``channels``/``image_size`` (checked against the architecture); ``mean``/``std`` fall back to
-``data.augment`` and class names to ``"0" .. "N-1"``, each with a warning.
-
-Promotion gate
-    The candidate and the current ``@champion`` are scored on the same test images (the dataset
-    version's test split from the CLI: ``data.version``, else the version named in the model's
-    meta; any iterable of ``(uint8 images, labels)`` from Python), each with its own packaged
-    preprocessing, after checking that both predict the split's class names. ``registry.metric``
-    (``test_acc`` or ``test_loss``) is compared with ``registry.mode`` (max/min): ``champion``
-    moves only when the candidate is better by more than ``registry.margin``, or when there is no
-    champion yet. ``candidate`` always moves to the new version. Stages are not used
-    (deprecated): aliases only.
-
-Promotion log (MLflow keeps no alias history), three places, all in the registry
-    * model-version tag ``promotion.decision`` on every registered version: that decision as
-      JSON. The complete log is these tags in time order (:func:`read_promotion_log`).
-    * registered-model tag ``promotion.log``: the most recent decisions as a JSON list, newest
-      last, cut to ``registry.log_tag_entries`` and to :data:`LOG_TAG_MAX_CHARS` characters
-      (inside the 5,000 bytes every MLflow backend guarantees for a tag value).
-    * artifact ``promotion_log.json`` of the registration run: the complete log at that time.
-    Two registrations of the same model at the same moment may interleave the model tag (the
-    version tags stay exact); run one registration per model at a time.
-
-Tracking goes to ``mlflow.tracking_uri`` (see :func:`pipelines.tracking.resolve_tracking_uri`).
-Each registration is one MLflow run (task ``register``) in ``mlflow.experiment_name``.
+Packaging (safetensors + code, never pickle) is :mod:`pipelines.packaging`. The gate scores the
+candidate and the current ``@champion`` on the same test split, each with its own packaged
+preprocessing, and moves ``@champion`` only when ``registry.metric`` improves by more than
+``registry.margin``; ``@candidate`` always moves. Every decision is logged in the registry
+(version tag, model tag, run artifact). Details: docs/registry.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as _dt
-import importlib.metadata
 import json
 import logging
 import math
-import pickletools
 import re
-import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import storage as st
 from . import tracking
 from .config import PipelineConfig
-from .errors import ConfigError, UserError
+from .data.shards import DatasetVersion, dataset_from_config, iter_shard_batches, load_version
+from .errors import ConfigError, RegisterError
+from .imaging import decode_png, resize_center_crop, to_channels
+from .packaging import ENTRY_FILE, find_pickles, pip_requirements, stage_code, stage_model_dir
+from .serving import ViTClassifier, input_example, model_signature
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +47,6 @@ LOG_TAG_MAX_CHARS = 4500
 GATE_METRICS = ("test_acc", "test_loss")
 MODES = ("max", "min")
 MODEL_ARTIFACT_NAME = "model"
-
-_PKG = Path(__file__).resolve().parent
-SERVING_FILE = _PKG / "serving.py"
-ENTRY_FILE = _PKG / "serving_model.py"
-VIT_MODEL_DIR = _PKG.parent / "vit_model"
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".ckpt")
-
-
-class RegisterError(UserError):
-    """The model cannot be registered (bad model directory, no test data for the gate, ...)."""
-
 
 # --------------------------------------------------------------------------------------------
 # Result
@@ -127,139 +78,6 @@ class RegisterResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Model directory -> staged artifacts
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StagedModel:
-    """The four artifact files in a local folder, plus what they say."""
-
-    folder: Path
-    config_doc: dict[str, Any]
-    class_names: list[str]
-    spec: Any  # serving.PreprocessSpec
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return dict(self.config_doc.get("meta") or {})
-
-    def artifact_paths(self) -> dict[str, str]:
-        from .serving import ARTIFACT_FILES
-
-        return {k: str(self.folder / v) for k, v in ARTIFACT_FILES.items()}
-
-
-def stage_model_dir(model_dir_uri: str, cfg: PipelineConfig, dest: Path) -> StagedModel:
-    """Read ``config.json`` + ``model.safetensors`` from ``model_dir_uri`` (nothing else) and write
-    the four artifact files into ``dest``."""
-    from vit_model import ViTConfig
-
-    from . import storage as st
-    from .serving import ARTIFACT_FILES, PreprocessSpec
-
-    def read(name: str) -> bytes:
-        try:
-            return st.read_bytes(st.join_uri(model_dir_uri, name), cfg.storage)
-        except st.ObjectNotFound:
-            raise RegisterError(
-                f"model directory {_shown(model_dir_uri)} has no {name}; pass a folder written by "
-                "vit_model's save_pretrained (config.json + model.safetensors), e.g. a train run's model/ folder"
-            ) from None
-
-    try:
-        doc = json.loads(read("config.json"))
-    except ValueError:
-        raise RegisterError(f"{_shown(model_dir_uri)}/config.json is not valid JSON; re-export the model") from None
-    if not isinstance(doc, dict) or doc.get("format") != "vit_model" or not isinstance(doc.get("config"), dict):
-        raise RegisterError(
-            f"{_shown(model_dir_uri)}/config.json is not a vit_model config (format 'vit_model'); "
-            "convert the weights with vit_model.from_pretrained(...).save_pretrained(dir) first"
-        )
-    try:
-        arch = ViTConfig.from_dict(doc["config"])
-    except (TypeError, ValueError) as exc:
-        raise RegisterError(f"{_shown(model_dir_uri)}/config.json has an invalid architecture ({exc})") from None
-    weights = read("model.safetensors")
-    meta = dict(doc.get("meta") or {})
-
-    class_names = meta.get("class_names")
-    if class_names is None:
-        class_names = [str(i) for i in range(arch.num_classes)]
-        log.warning("model meta has no class_names; using %s", class_names[:3] + ["..."])
-    if not isinstance(class_names, list) or len(class_names) != arch.num_classes:
-        raise RegisterError(
-            f"model meta lists {len(class_names) if isinstance(class_names, list) else class_names!r} class names "
-            f"for a model with {arch.num_classes} classes; fix meta['class_names'] in config.json"
-        )
-    channels = int(meta.get("channels", arch.in_chans))
-    if channels != arch.in_chans:
-        raise RegisterError(f"model meta says {channels} channels but the model takes {arch.in_chans}; fix meta['channels']")
-    size = meta.get("image_size", list(arch.img_hw))
-    image_hw = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
-    if image_hw != tuple(arch.img_hw):
-        raise RegisterError(f"model meta image_size {list(image_hw)} differs from the architecture's {list(arch.img_hw)}")
-    mean, std = meta.get("mean"), meta.get("std")
-    if mean is None or std is None:
-        mean, std = cfg.data.augment.mean, cfg.data.augment.std
-        log.warning("model meta has no mean/std; using data.augment.mean=%s std=%s", list(mean), list(std))
-    try:
-        spec = PreprocessSpec(channels=channels, image_size=image_hw, mean=tuple(float(v) for v in mean),
-                              std=tuple(float(v) for v in std), max_pixels=cfg.data.max_image_pixels,
-                              alpha_background=cfg.data.alpha_background)
-    except ValueError as exc:
-        raise RegisterError(f"model {_shown(model_dir_uri)}: {exc}") from None
-
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / ARTIFACT_FILES["config"]).write_text(json.dumps(doc, indent=2, sort_keys=True))
-    (dest / ARTIFACT_FILES["weights"]).write_bytes(weights)
-    (dest / ARTIFACT_FILES["class_names"]).write_text(json.dumps([str(c) for c in class_names]))
-    (dest / ARTIFACT_FILES["preprocessing"]).write_text(json.dumps(spec.to_dict(), indent=2))
-    return StagedModel(dest, doc, [str(c) for c in class_names], spec)
-
-
-def stage_code(dest: Path) -> list[str]:
-    """Copy the code a packaged model needs (``vit_model/`` and ``serving.py``, sources only)."""
-    shutil.copytree(VIT_MODEL_DIR, dest / "vit_model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
-    shutil.copy2(SERVING_FILE, dest / "serving.py")
-    return [str(dest / "vit_model"), str(dest / "serving.py")]
-
-
-def find_pickles(root: str | Path) -> list[Path]:
-    """Files under ``root`` that are, or contain, a pickle: pickle-ish suffixes, data that parses
-    as a pickle stream (protocol 2+ starts with ``0x80``), and zip archives (torch's format) with
-    ``.pkl`` members."""
-    found = []
-    for path in sorted(Path(root).rglob("*")):
-        if not path.is_file():
-            continue
-        if path.suffix.lower() in PICKLE_SUFFIXES or _parses_as_pickle(path) or _zip_with_pickle(path):
-            found.append(path)
-    return found
-
-
-def _parses_as_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(2)
-        if len(head) < 2 or head[0] != 0x80 or head[1] not in range(2, 6):
-            return False
-        f.seek(0)
-        try:
-            for _ in pickletools.genops(f):
-                pass
-        except Exception:
-            return False
-    return True
-
-
-def _zip_with_pickle(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith((".pkl", ".pickle")) for n in z.namelist())
-
-
-# --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
 
@@ -279,8 +97,6 @@ def _batches(test_data: TestData) -> Iterator[tuple[Any, np.ndarray]]:
 def _fit_pixels(images: Any, spec: Any) -> np.ndarray:
     """uint8 images (a (N, H, W[, C]) array, or a list of per-image arrays of any size and
     channel count) -> a batch at the size and channel count ``spec`` expects."""
-    from .serving import resize_center_crop
-
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4):
         arr = images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
         channels = 1 if arr.ndim == 3 else arr.shape[3]
@@ -292,15 +108,7 @@ def _fit_pixels(images: Any, spec: Any) -> np.ndarray:
         img = np.asarray(img)
         if img.dtype != np.uint8:
             raise RegisterError(f"test images must be uint8 pixels, got {img.dtype}")
-        if img.ndim == 3 and img.shape[2] == 1:
-            img = img[:, :, 0]
-        if spec.channels == 3 and img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        elif spec.channels == 1 and img.ndim == 3:
-            from PIL import Image
-
-            img = np.asarray(Image.fromarray(img, "RGB").convert("L"))
-        out.append(resize_center_crop(img, spec.image_size))
+        out.append(resize_center_crop(to_channels(img, spec.channels), spec.image_size))
     return np.stack(out) if out else np.zeros((0,) + want_shape, np.uint8)
 
 
@@ -353,55 +161,10 @@ def gate(metric: str, mode: str, margin: float, candidate: Mapping[str, float],
 # --------------------------------------------------------------------------------------------
 
 
-def _shown(uri: str) -> str:
-    """A URI safe to print: any user:password@ part removed."""
-    parts = urllib.parse.urlsplit(str(uri))
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-    return str(uri)
-
-
-def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
-    """For http(s) tracking URIs: one quick ``/health`` probe, so an unreachable server is one
-    clear line instead of minutes of client retries."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            return
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            raise RegisterError(
-                f"MLflow server {_shown(uri)} refused the request (HTTP {exc.code}); set MLFLOW_TRACKING_USERNAME/"
-                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, or start it with --allowed-hosts for this host"
-            ) from None
-        return  # it answers HTTP: up
-    except OSError:
-        raise RegisterError(
-            f"MLflow tracking server {_shown(uri)} is unreachable; start it (python cluster/dev_stack.py start) "
-            "or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI"
-        ) from None
-
-
 def _check_classes(who: str, names: Sequence[str], test_classes: Sequence[str] | None,
                    fix: str = "gate on the dataset the model was trained on (data.version)") -> None:
     if test_classes is not None and list(names) != list(test_classes):
         raise RegisterError(f"{who} predicts classes {list(names)} but the test split has {list(test_classes)}; {fix}")
-
-
-def resolve_uris(cfg: PipelineConfig) -> tuple[str, str]:
-    """(tracking URI, registry URI): the registry defaults to the tracking store. (Leaving it
-    None would make MLflow fall back to ``sqlite:///mlflow.db`` in the working directory.)"""
-    tracking_uri = tracking.resolve_tracking_uri(cfg)
-    return tracking_uri, cfg.mlflow.registry_uri or tracking_uri
-
-
-def registry_client(cfg: PipelineConfig) -> Any:
-    """An ``MlflowClient`` on the configured tracking store and model registry."""
-    return tracking.client(cfg)
 
 
 def _alias_version(client: Any, name: str, alias: str) -> str | None:
@@ -415,14 +178,12 @@ def _alias_version(client: Any, name: str, alias: str) -> str | None:
 
 def load_registered_classifier(client: Any, name: str, version: str, cfg: PipelineConfig, work: Path) -> Any:
     """A ``ViTClassifier`` from a registered version's artifact files (its shipped code is not run)."""
-    import mlflow
+    import mlflow  # here, not at the top: importing MLflow costs seconds
     from mlflow.models import Model
-
-    from .serving import ViTClassifier
 
     dest = work / f"v{version}"
     try:
-        with _fluent_tracking(*resolve_uris(cfg)):  # models:/ URIs resolve through the global registry URI
+        with tracking.fluent_tracking(*tracking.resolve_uris(cfg)):  # models:/ URIs resolve through the global registry URI
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
         artifacts = Model.load(local).flavors["python_function"]["artifacts"]
         return ViTClassifier().load_artifacts({k: str(Path(local, v["path"])) for k, v in artifacts.items()}, device="cpu")
@@ -464,33 +225,6 @@ def _recent_log_tag(client: Any, name: str, entry: dict[str, Any], max_entries: 
     return text
 
 
-def _pip_requirements() -> list[str]:
-    """Pinned runtime requirements of a packaged model (what serving.py and vit_model import)."""
-    reqs = []
-    for dist in ("mlflow", "torch", "safetensors", "numpy", "pandas", "pillow"):
-        try:
-            version = importlib.metadata.version(dist).split("+")[0]
-            reqs.append(f"{dist}=={version}")
-        except importlib.metadata.PackageNotFoundError:
-            reqs.append(dist)
-    return reqs
-
-
-@contextlib.contextmanager
-def _fluent_tracking(tracking_uri: str, registry_uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (needed by ``log_model``) at our URIs, restoring them after."""
-    import mlflow
-
-    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(registry_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_tracking)
-        mlflow.set_registry_uri(old_registry)
-
-
 def _flat_tags(prefix: str, metrics: Mapping[str, Any]) -> dict[str, str]:
     """Numeric ``metrics`` as tags ``<prefix><name>`` (characters MLflow rejects in keys -> ``_``)."""
     return {prefix + re.sub(r"[^\w.\-/ ]", "_", str(k)): f"{float(v):.6g}" for k, v in metrics.items()
@@ -517,8 +251,6 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
     """
     import mlflow
 
-    from .serving import ViTClassifier, input_example, model_signature
-
     reg = cfg.registry
     if reg.metric not in GATE_METRICS:
         raise ConfigError(f"registry.metric {reg.metric!r} is not scored by the gate; use one of {', '.join(GATE_METRICS)}")
@@ -526,9 +258,9 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
         raise ConfigError(f"registry.mode {reg.mode!r} is invalid; use max (e.g. test_acc) or min (e.g. test_loss)")
     if not reg.model_name:
         raise ConfigError("registry.model_name is empty; set it, e.g. --set registry.model_name=vit-fashion-mnist")
-    tracking_uri, registry_uri = resolve_uris(cfg)
-    check_tracking_server(tracking_uri)
-    client = registry_client(cfg)
+    tracking_uri, registry_uri = tracking.resolve_uris(cfg)
+    tracking.check_tracking_server(tracking_uri)
+    client = tracking.client(cfg)
     name = reg.model_name
 
     with tempfile.TemporaryDirectory(prefix="vit-register-") as tmp:
@@ -570,11 +302,11 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
         reg_run_id = run.info.run_id
         try:
             tracking.log_config(client, reg_run_id, cfg)
-            with _fluent_tracking(tracking_uri, registry_uri), mlflow.start_run(run_id=reg_run_id):
+            with tracking.fluent_tracking(tracking_uri, registry_uri), mlflow.start_run(run_id=reg_run_id):
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_ARTIFACT_NAME, python_model=str(ENTRY_FILE), artifacts=staged.artifact_paths(),
                     code_paths=code_paths, signature=model_signature(), input_example=input_example(staged.spec),
-                    pip_requirements=_pip_requirements(),
+                    pip_requirements=pip_requirements(),
                 )
                 version_tags = {
                     **({"training_run_id": run_id} if run_id else {}),
@@ -622,11 +354,9 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
 # --------------------------------------------------------------------------------------------
 
 
-def gate_dataset(cfg: PipelineConfig, model_meta: Mapping[str, Any] | None = None) -> Any:
+def gate_dataset(cfg: PipelineConfig, model_meta: Mapping[str, Any] | None = None) -> DatasetVersion:
     """The dataset version whose test split the gate uses: ``data.version`` if set, else the
     version the model was trained on (its meta), else the newest version of ``data.name``."""
-    from .data.shards import dataset_from_config, load_version
-
     trained_on = (model_meta or {}).get("dataset")
     dataset_uri = trained_on.get("uri") if isinstance(trained_on, dict) else None
     if dataset_uri and not cfg.data.version:
@@ -634,11 +364,8 @@ def gate_dataset(cfg: PipelineConfig, model_meta: Mapping[str, Any] | None = Non
     return dataset_from_config(cfg)
 
 
-def split_batches(version: Any, cfg: PipelineConfig, split: str = "test") -> Iterator[tuple[list, np.ndarray]]:
+def split_batches(version: DatasetVersion, cfg: PipelineConfig, split: str = "test") -> Iterator[tuple[list, np.ndarray]]:
     """``(uint8 images, labels)`` per shard of ``split`` of a dataset version, streamed."""
-    from .data.shards import iter_shard_batches
-    from .data.validate import decode_png
-
     if split not in version.splits:
         raise RegisterError(f"dataset {version.uri} has no {split} split; prepare it with data.test_fraction > 0")
     for table in iter_shard_batches(version, split, cfg.storage, columns=["image", "label"]):
@@ -651,8 +378,6 @@ def register_from_workflow(cfg: PipelineConfig, *, model_uri: str, dataset_uri: 
 
     Returns :meth:`RegisterResult.to_dict` plus ``champion_version`` (JSON-safe, for the run record).
     """
-    from .data.shards import load_version
-
     version = load_version(dataset_uri, cfg.storage)
     if "test" not in version.splits:
         raise RegisterError(f"dataset {version.uri} has no test split; prepare it with data.test_fraction > 0")
@@ -666,21 +391,10 @@ def register_from_workflow(cfg: PipelineConfig, *, model_uri: str, dataset_uri: 
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-dir", "--model", dest="model_dir", default=None, metavar="URI",
-                        help="vit_model directory to register (config.json + model.safetensors): path, file:// or "
-                             "s3:// (default: the model of --run-id, else of the newest finished training)")
-    parser.add_argument("--run-id", default=None, help="MLflow run that trained the model (default: from the model's meta)")
-
-
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from . import storage as st
-
     model_dir, run_id = args.model_dir, args.run_id
     if not model_dir:  # the same default as evaluate: the run's exported model, else the newest one
-        from .evaluate import latest_model_uri
-
-        model_dir, found_run = latest_model_uri(cfg, run_id)
+        model_dir, found_run = tracking.latest_model_uri(cfg, run_id)
         run_id = run_id or found_run
 
     doc: Any = {}

@@ -28,11 +28,19 @@ from typing import Any, Callable
 
 from . import storage as st
 from . import tracking
-from .config import PipelineConfig, config_from_dict, pinned_paths, to_dict
-from .errors import ConfigError, UserError
+from .config import WORKFLOW_STEPS, PipelineConfig, config_from_dict, to_dict
+from .data.shards import load_version
+from .errors import ConfigError, UserError, first_line
+from .evaluate import evaluate
+from .infer import infer
+from .prepare import prepare
+from .ray_setup import ensure_ray, pinned_paths
+from .register import register_from_workflow
+from .train import train
+from .tune import tune
 
 TASK = "run"
-STEPS = ("prepare", "search", "evaluate", "register", "infer")
+STEPS = WORKFLOW_STEPS
 # config sections each step depends on (besides its upstream outputs)
 SECTIONS = {
     "prepare": ("data", "storage"),
@@ -77,27 +85,19 @@ class RunResult:
 
 
 def step_prepare(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
-    from .prepare import prepare
-
     version = prepare(cfg, progress=print)
     return {"dataset_uri": version.uri, "dataset_version": version.version, "classes": version.classes,
             "counts": {s: version.count(s) for s in version.splits}}
 
 
 def step_search(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
-    from .data.shards import load_version
-
     version = load_version(up["prepare"]["dataset_uri"], cfg.storage)
     if cfg.workflow.search == "tune":
-        from .tune import tune
-
         name = cfg.tune.name or f"{cfg.workflow.name}-sweep"
         res = tune(cfg, version=version, name=name, resume=_sweep_exists(cfg, name))
         return {"model_uri": res.model_uri, "train_run_id": res.best_run_id, "tune_parent_run_id": res.parent_run_id,
                 "best_config": res.best_config, "val_acc": res.best_metrics.get("val_acc"),
                 "checkpoint_uri": res.best_checkpoint_uri}
-    from .train import train
-
     res = train(cfg, version=version, run_name=cfg.train.run_name or f"{cfg.workflow.name}-train")
     return {"model_uri": res.model_uri, "train_run_id": res.mlflow_run_id, "val_acc": res.metrics.get("val_acc"),
             "checkpoint_uri": res.best_checkpoint_uri}
@@ -108,24 +108,17 @@ def _sweep_exists(cfg: PipelineConfig, name: str) -> bool:
 
 
 def step_evaluate(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
-    from .data.shards import load_version
-    from .evaluate import evaluate
-
     version = load_version(up["prepare"]["dataset_uri"], cfg.storage)
     res = evaluate(cfg, model_uri=up["search"]["model_uri"], run_id=up["search"].get("train_run_id"), version=version)
     return {"metrics": res.metrics, "result_uri": res.result_uri}
 
 
 def step_register(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
-    from .register import register_from_workflow
-
     return register_from_workflow(cfg, model_uri=up["search"]["model_uri"], run_id=up["search"].get("train_run_id"),
                                   dataset_uri=up["prepare"]["dataset_uri"], metrics=up["evaluate"]["metrics"])
 
 
 def step_infer(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
-    from .infer import infer
-
     model_uri = cfg.infer.model_uri or f"models:/{cfg.registry.model_name}@champion"
     source = cfg.infer.input or up["prepare"]["dataset_uri"]
     res = infer(cfg, input_uri=source, model_uri=model_uri, job_name=cfg.infer.job_name or f"{cfg.workflow.name}-infer")
@@ -188,9 +181,7 @@ def _run_remote(step: str, cfg_dict: dict, upstream: dict) -> dict:
 
 def execute_step(step: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> dict[str, Any]:
     """Run one step as a Ray task (a small CPU share: the step starts its own workers)."""
-    import ray
-
-    from .train import ensure_ray
+    import ray  # here, not at the top: importing Ray costs seconds
 
     ensure_ray(cfg)
     remote = ray.remote(num_cpus=0.05, max_retries=0)(_run_remote)
@@ -240,7 +231,7 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
             except Exception as exc:  # noqa: BLE001 - transient or unknown: retry, then report
                 if attempt <= cfg.workflow.retries:
                     delay = cfg.workflow.retry_backoff_s * 2 ** (attempt - 1)
-                    print(f"[{step}] failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    print(f"[{step}] failed ({type(exc).__name__}: {first_line(exc)}); "
                           f"retrying in {delay:.0f} s", flush=True)
                     sleep(delay)
                     continue
@@ -261,17 +252,13 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
 
 
 def _fail(cfg, record, rec, parent_id, client, step, exc, retryable: bool):
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first_line(exc, limit=1000)
     rec.status, rec.finished, rec.error = "failed", _now(), f"{type(exc).__name__}: {first}"
     save_record(cfg, record, parent_id)
     client.set_tag(parent_id, "pipeline.failed_step", step)
     tracking.end_run(client, parent_id, "FAILED")
     raise StepFailed(f"step {step!r} failed: {first}. Completed steps are kept: fix the cause and rerun the same "
                      f"command (they are skipped), or force a step with --from {step}") from exc
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="from_step", choices=STEPS, help="re-run this step and everything after it")
 
 
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:

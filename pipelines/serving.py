@@ -48,9 +48,36 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from vit_model import ViTConfig, VisionTransformer, load_state_dict
+
+
+def _sibling_module(name: str):
+    """``name.py`` beside this file, loaded by path under a name unique to this folder (inside a
+    packaged model this file is itself loaded by path, with no package around it)."""
+    import hashlib
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().with_name(f"{name}.py")
+    unique = f"vit_{name}_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    if unique not in sys.modules:
+        spec = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[unique] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[unique]
+
+
+try:
+    from . import imaging  # the source tree: pipelines.imaging
+except ImportError:  # inside a packaged model: code/serving.py and code/imaging.py, no package
+    imaging = _sibling_module("imaging")
+
+InvalidInput = imaging.InvalidImage  # one input cannot be scored; str(exc) is its error column
+convert_pixels = imaging.convert_pixels
+resize_center_crop = imaging.resize_center_crop
 
 ARTIFACT_FILES = {
     "config": "config.json",
@@ -61,15 +88,6 @@ ARTIFACT_FILES = {
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ("label", "label_name", "probabilities", "error")
 RESIZE_MODE = "shorter-side-bicubic-center-crop"
-
-_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-_TO_RGB_MODES = {"RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-
-
-class InvalidInput(ValueError):
-    """One input cannot be scored; ``str(exc)`` is the reason reported in its ``error`` column."""
-
 
 # --------------------------------------------------------------------------------------------
 # Preprocessing spec
@@ -120,91 +138,14 @@ class PreprocessSpec:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding (the same conversions as pipelines.data.validate, kept here so this file ships alone)
+# Decoding: pipelines.imaging, the same module prepare uses (shipped beside this file)
 # --------------------------------------------------------------------------------------------
 
 
 def decode_image_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Encoded image -> uint8 pixels (H, W) or (H, W, 3) at the model's size; :class:`InvalidInput`."""
-    if not data:
-        raise InvalidInput("empty image (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InvalidInput("not an image: the content is not a recognised image format") from None
-    except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"decompression bomb: {exc}") from None
-    except Exception as exc:
-        raise InvalidInput(f"corrupt image header ({_short(exc)})") from None
-    with img:
-        width, height = img.size
-        if width * height > spec.max_pixels:
-            raise InvalidInput(f"image of {width}x{height} pixels exceeds the cap of {spec.max_pixels} pixels")
-        if width == 0 or height == 0:
-            raise InvalidInput(f"image has no pixels ({width}x{height})")
-        try:
-            img.load()  # the full decode, so truncated data fails here and not later
-            oriented = ImageOps.exif_transpose(img)
-            pixels = convert_pixels(oriented, spec.channels, spec.alpha_background)
-        except InvalidInput:
-            raise
-        except Exception as exc:
-            raise InvalidInput(f"truncated or corrupt image ({_short(exc)})") from None
-    return resize_center_crop(pixels, spec.image_size)
-
-
-def convert_pixels(img: Image.Image, channels: int, background: int = 255) -> np.ndarray:
-    """Any supported PIL mode -> uint8 array with ``channels`` channels.
-
-    ``1``/``L`` as is; alpha modes composited over ``background``; palettes expanded; 16-bit
-    scaled to 8 bits; CMYK/YCbCr/LAB/HSV through RGB; RGB -> L by ITU-R 601 luma, L -> RGB by
-    replication. Other modes (e.g. float ``F``) raise :class:`InvalidInput`.
-    """
-    mode = img.mode
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode == "1":
-        arr = np.asarray(img.convert("L"))
-    elif mode == "L":
-        arr = np.asarray(img)
-    elif mode in _ALPHA_MODES:
-        arr = _composite(np.asarray(img.convert("LA" if mode in ("LA", "La") else "RGBA")), background)
-    elif mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(img).astype(np.int64)
-        arr = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-    elif mode in _TO_RGB_MODES:
-        arr = np.asarray(img.convert("RGB"))
-    else:
-        raise InvalidInput(f"unsupported pixel mode {mode!r}")
-    if arr.ndim == 2:
-        out = arr if channels == 1 else np.repeat(arr[:, :, None], 3, axis=2)
-    elif channels == 3:
-        out = arr
-    else:
-        out = np.asarray(Image.fromarray(arr, "RGB").convert("L"))
-    return np.ascontiguousarray(out, dtype=np.uint8)
-
-
-def _composite(arr: np.ndarray, background: int) -> np.ndarray:
-    """(H, W, C+1) straight alpha -> (H, W, C) over a flat ``background`` gray level."""
-    color = arr[..., :-1].astype(np.uint32)
-    alpha = arr[..., -1:].astype(np.uint32)
-    out = ((color * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
-    return out[..., 0] if out.shape[-1] == 1 else out
-
-
-def resize_center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize the shorter side to fit ``size`` (bicubic) and crop the centre; no-op at that size."""
-    h, w = pixels.shape[:2]
-    th, tw = size
-    if (h, w) == (th, tw):
-        return pixels
-    scale = max(th / h, tw / w)
-    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    img = Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - tw) // 2, (nh - th) // 2
-    return np.ascontiguousarray(np.asarray(img.crop((left, top, left + tw, top + th))))
+    return imaging.decode(data, channels=spec.channels, max_pixels=spec.max_pixels,
+                          alpha_background=spec.alpha_background, size=spec.image_size).pixels
 
 
 def pixels_to_tensor(pixels: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
@@ -219,11 +160,6 @@ def pixels_to_tensor(pixels: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     else:
         raise ValueError(f"expected pixels shaped (N, H, W) or (N, H, W, C), got {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _as_bytes(value: Any) -> bytes:

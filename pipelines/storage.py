@@ -437,3 +437,29 @@ def local_path(uri: str | URI) -> str | None:
     """The local filesystem path of a ``file://`` URI, else None."""
     parsed = parse_uri(uri)
     return parsed.path if parsed.scheme == "file" else None
+
+
+def upload_dir(local_dir: str | os.PathLike[str], uri: str | URI, storage: StorageConfig | None = None,
+               last: str | None = None) -> None:
+    """Copy the files of a flat local folder to ``uri``; ``last`` (e.g. ``config.json``, the
+    folder's completeness marker) is written after all the others."""
+    names = sorted(os.listdir(local_dir), key=lambda n: (n == last, n))
+    for name in names:
+        write_bytes(join_uri(uri, name), Path(local_dir, name).read_bytes(), storage)
+
+
+def download_dir(uri: str | URI, local_dir: str | os.PathLike[str], storage: StorageConfig | None = None) -> Path:
+    """The files of a flat storage folder as a local folder: the folder itself when ``uri`` is
+    local, else a copy in ``local_dir``. :class:`ObjectNotFound` if it holds no files."""
+    local = local_path(uri)
+    if local is not None and Path(local).is_dir():
+        return Path(local)
+    out = Path(local_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list_files(uri, storage, recursive=False)
+    if not files:
+        raise ObjectNotFound(f"no files at {uri}; pass the URI of a folder that holds them")
+    for entry in files:
+        name = entry.uri.rstrip("/").rsplit("/", 1)[-1]
+        (out / name).write_bytes(read_bytes(entry.uri, storage))
+    return out

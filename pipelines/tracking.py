@@ -12,13 +12,20 @@ on the driver is not visible to workers on other nodes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from .config import PipelineConfig, flatten, to_dict, to_yaml
+from .errors import TrackingError, UserError, redact_uri
+from .storage import join_uri, local_path
 
 RUN_NAME_TAG = "pipeline.run_name"
 TASK_TAG = "pipeline.task"
@@ -32,8 +39,6 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
         return cfg.mlflow.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from .storage import local_path
-
     root = local_path(cfg.storage.uri) or os.path.abspath("artifacts")
     os.makedirs(root, exist_ok=True)
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
@@ -46,20 +51,62 @@ def artifact_location(cfg: PipelineConfig) -> str | None:
     uri = resolve_tracking_uri(cfg)
     if uri.startswith(("http://", "https://", "databricks")):
         return None
-    from .storage import join_uri, local_path
-
     local = local_path(cfg.storage.uri)
     if local is not None:
         return Path(local, "mlflow-artifacts").as_uri()
     return join_uri(cfg.storage.uri, "mlflow-artifacts")
 
 
-def client(cfg: PipelineConfig):
-    """An ``MlflowClient`` for the configured tracking and registry URIs."""
-    from mlflow.tracking import MlflowClient
+def resolve_uris(cfg: PipelineConfig) -> tuple[str, str]:
+    """(tracking URI, registry URI): the registry defaults to the tracking store. (Leaving it
+    None would make MLflow fall back to ``sqlite:///mlflow.db`` in the working directory.)"""
+    tracking_uri = resolve_tracking_uri(cfg)
+    return tracking_uri, cfg.mlflow.registry_uri or tracking_uri
 
-    uri = resolve_tracking_uri(cfg)
-    return MlflowClient(tracking_uri=uri, registry_uri=cfg.mlflow.registry_uri or uri)
+
+def client(cfg: PipelineConfig):
+    """An ``MlflowClient`` for the configured tracking store and model registry."""
+    from mlflow.tracking import MlflowClient  # here: importing MLflow costs seconds
+
+    tracking_uri, registry_uri = resolve_uris(cfg)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """For http(s) tracking URIs: one quick ``/health`` probe, so an unreachable server is one
+    clear line instead of minutes of client retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise TrackingError(
+                f"MLflow server {redact_uri(uri)} refused the request (HTTP {exc.code}); set MLFLOW_TRACKING_USERNAME/"
+                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, or start it with --allowed-hosts for this host"
+            ) from None
+        return  # it answers HTTP: up
+    except OSError:
+        raise TrackingError(
+            f"MLflow tracking server {redact_uri(uri)} is unreachable; start it (python cluster/dev_stack.py start) "
+            "or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+        ) from None
+
+
+@contextlib.contextmanager
+def fluent_tracking(tracking_uri: str, registry_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``log_model``, ``models:/`` downloads) at our URIs, restoring them after."""
+    import mlflow
+
+    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_tracking)
+        mlflow.set_registry_uri(old_registry)
 
 
 def experiment_id(cfg: PipelineConfig, mlflow_client=None) -> str:
@@ -136,8 +183,6 @@ def log_json(mlflow_client, run_id: str, obj: Any, artifact_file: str) -> None:
 
 def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
     """Numeric entries of ``metrics`` at ``step`` (one batch call)."""
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -150,8 +195,6 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: in
 def log_dataset_input(mlflow_client, run_id: str, *, name: str, digest: str, source_uri: str,
                       context: str = "training", profile: Mapping[str, Any] | None = None) -> None:
     """The dataset version as an MLflow dataset input (name, manifest digest, storage URI)."""
-    import warnings
-
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -171,3 +214,22 @@ def log_dataset_input(mlflow_client, run_id: str, *, name: str, digest: str, sou
 
 def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client.set_terminated(run_id, status=status)
+
+
+def latest_model_uri(cfg: PipelineConfig, run_id: str | None = None) -> tuple[str, str | None]:
+    """(model URI, training run id) from a run id, or from the newest finished training run."""
+    c = client(cfg)
+    if run_id:
+        run = c.get_run(run_id)
+    else:
+        runs = c.search_runs([experiment_id(cfg, c)],
+                             filter_string=f"tags.`{TASK_TAG}` = 'train' and attributes.status = 'FINISHED'",
+                             order_by=["attributes.end_time DESC"], max_results=1)
+        if not runs:
+            raise UserError(f"no finished training run in MLflow experiment {cfg.mlflow.experiment_name!r}; "
+                            "run `python -m pipelines train` first or pass --model URI")
+        run = runs[0]
+    uri = run.data.tags.get("pipeline.model_uri")
+    if not uri:
+        raise UserError(f"MLflow run {run.info.run_id} has no pipeline.model_uri tag; pass --model URI")
+    return uri, run.info.run_id

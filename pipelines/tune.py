@@ -30,14 +30,21 @@ import argparse
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from . import storage as st
 from . import tracking
-from .config import PipelineConfig, config_from_dict, load_config, pinned_paths, to_dict, to_yaml
+from .config import PipelineConfig, config_from_dict, load_config, to_dict, to_yaml
+from .data.shards import dataset_from_config, load_version
 from .errors import ConfigError, UserError
+from .ray_setup import checkpoint_uri, ensure_ray, pinned_paths, ray_storage
+from .trainer import TASK as TRAIN_TASK
+from .trainer import export_model, fit, make_spec
 
 TASK = "tune"
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
@@ -103,8 +110,6 @@ def param_space(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _yaml_scalar(value: Any) -> str:
-    import yaml
-
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
@@ -123,14 +128,10 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .data.shards import load_version
-    from .train import train
-
     cfg = config_from_dict(base, overrides_of(config))
     trial_id = tune.get_context().get_trial_id()
     version = load_version(version_uri, cfg.storage)
-    train(cfg, version=version, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id,
-          callbacks=[TuneReportCallback()])
+    fit(cfg, version, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
 
 
 def max_concurrent(cfg: PipelineConfig) -> int:
@@ -157,11 +158,8 @@ def _searcher(cfg: PipelineConfig):
 
 
 def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str | None = None) -> TuneResult:
-    from ray import tune as rt
+    from ray import tune as rt  # here, not at the top: importing Ray costs seconds
     from ray.tune.schedulers import ASHAScheduler
-
-    from .data.shards import dataset_from_config
-    from .train import ensure_ray, ray_storage
 
     t0 = time.time()
     space = param_space(cfg)
@@ -210,9 +208,6 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
 
 
 def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, client, version) -> TuneResult:
-    from .train import TASK as TRAIN_TASK
-    from .train import checkpoint_uri
-
     epochs = max(1, cfg.train.epochs)
     trials = []
     for r in grid:
@@ -267,23 +262,14 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
 def _export_best(cfg: PipelineConfig, best: dict[str, Any], checkpoint_path: str | None, version, model_uri: str) -> None:
     """Export the best trial's model from its checkpoint when the trial did not (it was stopped
     by the scheduler right after its last report, before its own export)."""
-    import tempfile
-
-    from .evaluate import download_dir
-    from .train import checkpoint_uri, export_model, make_spec
-
     ckpt_uri = checkpoint_uri(cfg, checkpoint_path)
     if ckpt_uri is None:
         raise UserError(f"best trial {best['trial_id']} reported no checkpoint; cannot export its model")
     trial_cfg = config_from_dict(to_dict(cfg), overrides_of(best["config"]))
     spec = make_spec(trial_cfg, version, best.get("run_id"))
     with tempfile.TemporaryDirectory() as tmp:
-        state = download_dir(st.join_uri(ckpt_uri, "state"), tmp, cfg)
+        state = st.download_dir(st.join_uri(ckpt_uri, "state"), tmp, cfg.storage)
         export_model(state, spec, version, model_uri, trial_cfg, use_ema=trial_cfg.train.ema_decay > 0)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep named tune.name")
 
 
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:

@@ -94,7 +94,7 @@ def test_config_files_in_repo_load():
 
 def test_pinned_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
     """Trials and workflow steps run in other working directories: the driver hands them absolute paths."""
-    from pipelines.config import pinned_paths
+    from pipelines.ray_setup import pinned_paths
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

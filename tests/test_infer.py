@@ -26,7 +26,10 @@ from pipelines import infer as infer_mod
 from pipelines import storage as st
 from pipelines.config import load_config
 from pipelines.errors import ConfigError
-from pipelines.infer import InferError, infer, load_manifest, load_predictions, parse_model_uri
+from pipelines.errors import InferError
+from pipelines.infer import infer
+from pipelines.inference.model import parse_model_uri
+from pipelines.inference.writer import load_manifest, load_predictions
 from vit_model import VisionTransformer, ViTConfig
 
 MODEL_NAME = "vit-infer-test"
@@ -351,7 +354,8 @@ def test_verify_output_drops_rows_written_twice_and_refuses_gaps(tmp_path):
     from the files, a missing input is an error."""
     import pyarrow as pa
 
-    from pipelines.infer import OUTPUT_SCHEMA, verify_output
+    from pipelines.inference.actors import OUTPUT_SCHEMA
+    from pipelines.inference.writer import verify_output
 
     def rows(ids, label=1):
         n = len(ids)
@@ -377,7 +381,7 @@ def test_verify_output_drops_rows_written_twice_and_refuses_gaps(tmp_path):
 
 @pytest.mark.integration
 def test_unschedulable_actor_pool_is_refused_not_left_waiting(ray_cluster, tmp_path):
-    from pipelines.infer import check_resources
+    from pipelines.inference.actors import check_resources
 
     store, db = f"file://{tmp_path}/store", f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(ConfigError, match=r"needs 5 CPUs; the Ray cluster has 4"):  # the fixture's 4 CPUs

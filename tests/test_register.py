@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from pipelines.config import load_config
-from pipelines.errors import UserError
-from pipelines.register import RegisterError, find_pickles, gate, register, stage_model_dir
-from pipelines.serving import PreprocessSpec, ViTClassifier, convert_pixels, decode_image_bytes
+from pipelines.errors import RegisterError, UserError
+from pipelines.packaging import find_pickles, stage_model_dir
+from pipelines.register import gate, register
+from pipelines.serving import PreprocessSpec, ViTClassifier, decode_image_bytes
 from vit_model import VisionTransformer, ViTConfig, from_pretrained
 
 MEAN, STD = (0.3,), (0.35,)
@@ -110,19 +111,59 @@ def test_find_pickles_tells_pickles_from_safetensors(tmp_path):
     assert [p.name for p in find_pickles(tmp_path / "m")] == ["weights.data", "zipped"]
 
 
-def test_serving_decode_matches_prepare_decode():
-    """The packaged model converts modes exactly like prepare does (pipelines.data.validate)."""
-    from pipelines.data.validate import convert_pixels as prepare_convert
-
+def _mode_zoo() -> dict[str, bytes]:
+    """Encoded images in the modes prepare converts deliberately (RGBA, LA, palette, 16-bit, 1-bit, RGB)."""
     rng = np.random.default_rng(1)
-    rgba = Image.fromarray(rng.integers(0, 256, (9, 7, 4), dtype=np.uint8), "RGBA")
-    la = Image.fromarray(rng.integers(0, 256, (9, 7, 2), dtype=np.uint8), "LA")
     rgb = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8), "RGB")
-    pal = rgb.convert("P")
-    gray16 = Image.fromarray(rng.integers(0, 65536, (9, 7), dtype=np.uint16))
-    for img in (rgba, la, rgb, pal, gray16, rgb.convert("1")):
-        for channels in (1, 3):
-            np.testing.assert_array_equal(convert_pixels(img, channels, 255), prepare_convert(img, channels, 255))
+    images = {
+        "rgba.png": Image.fromarray(rng.integers(0, 256, (9, 7, 4), dtype=np.uint8), "RGBA"),
+        "la.png": Image.fromarray(rng.integers(0, 256, (9, 7, 2), dtype=np.uint8), "LA"),
+        "rgb.png": rgb, "pal.png": rgb.convert("P"), "bits.png": rgb.convert("1"),
+        "gray16.png": Image.fromarray(rng.integers(0, 65536, (9, 7), dtype=np.uint16)),
+        "big.jpg": Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), "RGB"),
+    }
+    out = {}
+    for name, img in images.items():
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG" if name.endswith(".jpg") else "PNG")
+        out[name] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_serving_decode_matches_prepare_decode(channels):
+    """The packaged model decodes a file to exactly the pixels prepare stores for it."""
+    from pipelines.data.validate import DecodeSettings, decode_image
+
+    spec = PreprocessSpec(channels=channels, image_size=(9, 9), mean=MEAN * channels, std=STD * channels)
+    settings = DecodeSettings(channels=channels, image_size=9)
+    for name, data in _mode_zoo().items():
+        np.testing.assert_array_equal(decode_image_bytes(data, spec), decode_image(data, name, settings).pixels)
+
+
+def test_shipped_serving_code_decodes_without_the_pipeline(tmp_path):
+    """Inside a model package serving.py and imaging.py are loaded by path, with no pipelines
+    package around them: the copies must decode alone, like the source tree does."""
+    import importlib.util
+    import sys
+
+    from pipelines.packaging import stage_code
+
+    stage_code(tmp_path / "code")
+    spec_ = importlib.util.spec_from_file_location("shipped_serving_test", tmp_path / "code" / "serving.py")
+    module = importlib.util.module_from_spec(spec_)
+    sys.modules[spec_.name] = module
+    try:
+        spec_.loader.exec_module(module)
+        assert module.imaging.__file__ == str((tmp_path / "code" / "imaging.py").resolve())
+        shipped = module.PreprocessSpec(channels=3, image_size=(9, 9), mean=MEAN * 3, std=STD * 3)
+        local = PreprocessSpec(channels=3, image_size=(9, 9), mean=MEAN * 3, std=STD * 3)
+        for data in _mode_zoo().values():
+            np.testing.assert_array_equal(module.decode_image_bytes(data, shipped), decode_image_bytes(data, local))
+        with pytest.raises(module.InvalidInput, match="not an image"):
+            module.decode_image_bytes(b"not an image", shipped)
+    finally:
+        sys.modules.pop(spec_.name, None)
 
 
 def test_decode_resizes_and_reports_bad_bytes():
@@ -265,7 +306,7 @@ class TestRegistry:
             files = [p for p in root.rglob("*") if p.is_file()]
             names = {p.relative_to(root).as_posix() for p in files}
             assert {"artifacts/model.safetensors", "artifacts/config.json", "artifacts/class_names.json",
-                    "artifacts/preprocessing.json", "code/serving.py", "code/vit_model/model.py",
+                    "artifacts/preprocessing.json", "code/serving.py", "code/imaging.py", "code/vit_model/model.py",
                     "serving_model.py", "MLmodel", "input_example.json"} <= names
             for p in files:
                 assert p.suffix not in (".pkl", ".pickle", ".bin", ".pt", ".pth"), p

@@ -22,7 +22,9 @@ from pipelines.checkpoint import load_training_state, read_state
 from pipelines.config import load_config
 from pipelines.data.stream import iter_local_batches
 from pipelines.prepare import prepare
-from pipelines.train import EpochData, LocalSession, TrainingStopped, build_model, make_spec, train, train_worker
+from pipelines.train import train
+from pipelines.train_worker import EpochData, LocalSession, build_model, train_worker
+from pipelines.trainer import TrainingStopped, make_spec
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,8 @@ import pytest
 from data_zoo import BAD_REASONS, MAX_PIXELS, gradient, make_zoo, over_background, png_bytes
 from PIL import Image
 
-from pipelines.data.validate import DecodeSettings, InvalidImage, decode_image, decode_png, from_array
+from pipelines.data.validate import DecodeSettings, InvalidImage, decode_image, from_array
+from pipelines.imaging import decode_png
 
 GRAY = DecodeSettings(channels=1, max_pixels=MAX_PIXELS)
 RGB = DecodeSettings(channels=3, max_pixels=MAX_PIXELS)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
+from .files import save_pretrained
 from .surgery import resample_pos_embed, sincos_pos_embed_2d
 
 
@@ -330,9 +331,7 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------- weights
     def save_pretrained(self, directory, meta: dict | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (see :mod:`vit_model.weights`)."""
-        from .weights import save_pretrained
-
+        """Write ``config.json`` + ``model.safetensors`` (see :mod:`vit_model.files`)."""
         save_pretrained(self, directory, meta=meta)
 
     @property

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from .. import storage as st
 from ..config import StorageConfig
 from ..errors import DataError
-from .validate import decode_png
+from ..imaging import decode_png
 
 MANIFEST = "manifest.json"
 FORMAT = "vit-pipeline.dataset/1"

@@ -1,0 +1,264 @@
+"""What runs on the cluster in a batch-inference job: decode functions, the model actor, and
+the Ray Data pipeline that connects them. Imports neither MLflow nor the task module.
+
+read (shards re-cut into blocks of one batch, or the file listing) -> decode (the data plane's
+eval preprocessing for shard rows, :mod:`pipelines.imaging` for raw files) -> :class:`BatchPredictor`
+on a fixed pool of actors, which builds the pinned model once from the object store and returns
+one :data:`OUTPUT_SCHEMA` row per input; an unreadable input is a row with ``error`` set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from .. import storage as st
+from ..config import AugmentConfig, PipelineConfig, StorageConfig
+from ..data.stream import StreamSpec, build_transform, decode_chw, read_shards
+from ..errors import ConfigError, first_line
+from ..imaging import InvalidImage, decode
+from .inputs import InferInput
+from .model import ResolvedModel
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SCHEMA = pa.schema([
+    ("input_id", pa.string()),
+    ("source", pa.string()),
+    ("label", pa.int64()),
+    ("label_name", pa.string()),
+    ("topk_labels", pa.list_(pa.string())),
+    ("topk_probs", pa.list_(pa.float32())),
+    ("error", pa.string()),
+    ("model_name", pa.string()),
+    ("model_version", pa.string()),
+    ("true_label", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the decode tasks need from the model's packaged preprocessing."""
+
+    channels: int
+    image_size: tuple[int, int]
+    max_pixels: int
+    alpha_background: int
+
+    @classmethod
+    def of(cls, model: ResolvedModel) -> DecodeSpec:
+        return cls(model.channels, model.image_size, model.max_pixels, model.alpha_background)
+
+
+def _decoded_batch(ids: list[str], sources: list[str], true_labels: list[int], pixels: np.ndarray,
+                   errors: list[str]) -> dict[str, np.ndarray]:
+    return {
+        "input_id": np.asarray(ids, dtype=object),
+        "source": np.asarray(sources, dtype=object),
+        "true_label": np.asarray(true_labels, dtype=np.int64),
+        "pixels": pixels,  # (N, C, H, W) uint8; zeros where error != ""
+        "error": np.asarray(errors, dtype=object),
+    }
+
+
+def decode_shard_batch(batch: Mapping[str, np.ndarray], spec: DecodeSpec, split: str) -> dict[str, np.ndarray]:
+    """Dataset shard rows -> pixels, as evaluation preprocesses them (:mod:`pipelines.data.stream`).
+
+    Runs fused into the model actors, so it leaves torch's thread count alone (the actor's)."""
+    h, w = spec.image_size
+    n = len(batch["row_id"])
+    stream = StreamSpec(size=(h, w), channels=spec.channels, train=False, augment=AugmentConfig(), seed=0,
+                        deterministic=True)
+    pixels = np.zeros((n, spec.channels, h, w), dtype=np.uint8)
+    errors = [""] * n
+    transforms: dict[tuple[int, int], Any] = {}
+    for i, data in enumerate(batch["image"]):
+        try:
+            t = decode_chw(bytes(data))
+            if t.shape[0] != spec.channels:
+                raise ValueError(f"{t.shape[0]} channels, the model takes {spec.channels}")
+            hw = (int(t.shape[1]), int(t.shape[2]))
+            if hw not in transforms:
+                transforms[hw] = build_transform(stream, hw)
+            tf = transforms[hw]
+            pixels[i] = (tf(t) if tf is not None else t).numpy()
+        except Exception as exc:  # a damaged shard row is one error row, not a failed job
+            errors[i] = f"cannot decode the stored image ({type(exc).__name__}: {first_line(exc)})"
+    ids = [f"{split}/{int(r)}" for r in batch["row_id"]]
+    return _decoded_batch(ids, [str(s) for s in batch["source_id"]], [int(v) for v in batch["label"]], pixels, errors)
+
+
+def read_decode_files(batch: Mapping[str, np.ndarray], spec: DecodeSpec,
+                      storage: StorageConfig) -> dict[str, np.ndarray]:
+    """Raw image files -> pixels through prepare's guarded decoder; unreadable files -> errors."""
+    h, w = spec.image_size
+    uris = [str(u) for u in batch["source"]]
+    n = len(uris)
+    pixels = np.zeros((n, spec.channels, h, w), dtype=np.uint8)
+    errors = [""] * n
+    fs = st.filesystem(uris[0], storage) if n else None
+    for i, uri in enumerate(uris):
+        try:
+            data = st.read_bytes(uri, storage, fs=fs)
+        except st.StorageError as exc:
+            errors[i] = f"cannot read the file: {exc}"
+            continue
+        try:
+            arr = decode(data, channels=spec.channels, max_pixels=spec.max_pixels,
+                         alpha_background=spec.alpha_background, size=(h, w)).pixels
+            pixels[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
+        except InvalidImage as exc:
+            errors[i] = str(exc)
+        except Exception as exc:  # last line of defence: a decoder bug is a bad file, not a crash
+            errors[i] = f"decode failed ({type(exc).__name__}: {first_line(exc)})"
+    return _decoded_batch([str(i) for i in batch["input_id"]], uris, [-1] * n, pixels, errors)
+
+
+class BatchPredictor:
+    """Ray Data callable class: builds the pinned model once per actor, scores decoded batches.
+
+    ``package`` is the object-store reference (:func:`ray.put`) to the version's ``config.json``
+    and ``model.safetensors`` bytes, downloaded once by the driver: actors need no access to
+    the MLflow store or its artifact location, and a restarted actor rebuilds from the same
+    bytes. ``__call__`` takes the decode function's columns and returns an Arrow table in
+    :data:`OUTPUT_SCHEMA`, one row per input row; rows with an ``error`` pass through with
+    empty predictions.
+    """
+
+    def __init__(self, model: ResolvedModel, package: Any, top_k: int, use_gpu: bool = False, threads: int = 1):
+        import ray  # here: the actor's process pays for these imports, not the driver's CLI
+        import torch
+        from safetensors.torch import load as load_safetensors
+
+        from vit_model import VisionTransformer, ViTConfig
+
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(threads)))
+        files = ray.get(package) if isinstance(package, ray.ObjectRef) else package
+        net = VisionTransformer(ViTConfig.from_dict(json.loads(files["config"])["config"]))
+        net.load_state_dict(load_safetensors(files["weights"]), strict=True)  # tensors only, nothing unpickled
+        self.model_ref = model
+        self.top_k = max(1, min(int(top_k), model.num_classes))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.net = net.eval().to(self.device)
+        self.class_names = list(model.class_names)
+        c = model.channels
+        # (C, 1, 1), built like pipelines.data.stream's normalisation so the floats are identical
+        self.mean = torch.tensor(model.mean, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
+        self.std = torch.tensor(model.std, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        errors = [str(e) for e in batch["error"]]
+        n = len(errors)
+        labels = [-1] * n
+        names = [""] * n
+        topk_names: list[list[str]] = [[] for _ in range(n)]
+        topk_probs: list[list[float]] = [[] for _ in range(n)]
+        ok = np.flatnonzero(np.asarray([e == "" for e in errors], dtype=bool))
+        if ok.size:
+            x = torch.from_numpy(np.ascontiguousarray(np.asarray(batch["pixels"])[ok])).to(self.device)
+            with torch.inference_mode():
+                x = x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)  # (N, C, H, W) normalised
+                logits = self.net(x).float()  # (N, num_classes)
+                probs = logits.softmax(dim=-1)
+                top = logits.topk(self.top_k, dim=-1)  # (N, k), sorted by logit
+                top_p = probs.gather(1, top.indices)
+            idx, p = top.indices.cpu().numpy(), top_p.cpu().numpy()
+            for j, row in enumerate(ok):
+                labels[row] = int(idx[j, 0])
+                names[row] = self.class_names[labels[row]]
+                topk_names[row] = [self.class_names[k] for k in idx[j]]
+                topk_probs[row] = [float(v) for v in p[j]]
+        return pa.Table.from_pydict({
+            "input_id": [str(v) for v in batch["input_id"]],
+            "source": [str(v) for v in batch["source"]],
+            "label": labels,
+            "label_name": names,
+            "topk_labels": topk_names,
+            "topk_probs": topk_probs,
+            "error": errors,
+            "model_name": [self.model_ref.name] * n,
+            "model_version": [self.model_ref.version] * n,
+            "true_label": [int(v) for v in batch["true_label"]],
+        }, schema=OUTPUT_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray Data pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel, package: Any) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: read -> decode -> model actors (nothing runs yet).
+
+    ``package`` is what :class:`BatchPredictor` builds the model from: the object-store
+    reference of :func:`load_model_package`'s dict (or the dict itself)."""
+    import ray.data
+
+    ic = cfg.infer
+    spec = DecodeSpec.of(model)
+    if inputs.kind == "dataset":
+        fs, _ = st.resolve(inputs.shard_uris[0], cfg.storage)
+        paths = [st.parse_uri(u).fs_path for u in inputs.shard_uris]
+        # V1 reader, as for training: the default one deadlocks when the cluster's CPUs are held
+        # (here: by the model actors, or a sweep's last placement group still being released)
+        ds = read_shards(paths, fs, ["image", "label", "row_id", "source_id"])
+        # Blocks of at most one batch: Ray Data merges small shards into one block (bytes, not compute,
+        # decide its block size), which would leave all but one actor idle.
+        ds = ds.repartition(target_num_rows_per_block=ic.batch_size)
+        ds = ds.map_batches(decode_shard_batch, fn_kwargs={"spec": spec, "split": inputs.split},
+                            batch_size=ic.batch_size, batch_format="numpy", udf_modifying_row_count=False)
+    else:
+        items = [{"input_id": i, "source": u} for i, u in zip(inputs.input_ids, inputs.file_uris)]
+        blocks = max(1, math.ceil(len(items) / ic.batch_size))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(read_decode_files, fn_kwargs={"spec": spec, "storage": cfg.storage},
+                            batch_size=ic.batch_size, batch_format="numpy", udf_modifying_row_count=False)
+    threads = max(1, int(ic.cpus_per_actor))
+    return ds.map_batches(
+        BatchPredictor,
+        fn_constructor_kwargs={"model": model, "package": package, "top_k": ic.top_k, "use_gpu": ic.use_gpu,
+                               "threads": threads},
+        compute=ray.data.ActorPoolStrategy(size=ic.num_actors),
+        batch_size=ic.batch_size, batch_format="numpy", num_cpus=ic.cpus_per_actor,
+        num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=False,
+    )
+
+
+def check_resources(cfg: PipelineConfig, *, strict: bool = True) -> None:
+    """Refuse settings the cluster can never schedule: Ray would wait forever, without an error.
+
+    ``strict=False`` (a cluster we connected to, which may have an autoscaler adding nodes)
+    only warns."""
+    import ray
+
+    ic = cfg.infer
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    problems = []
+    if ic.use_gpu and gpus < ic.num_actors:
+        problems.append(
+            f"infer.use_gpu=true with infer.num_actors={ic.num_actors} needs {ic.num_actors} GPU(s); the Ray cluster "
+            f"has {gpus:g}. Set infer.use_gpu=false or lower infer.num_actors"
+        )
+    need = ic.num_actors * ic.cpus_per_actor + 1  # + one CPU for the read/decode/write tasks
+    if need > cpus:
+        problems.append(
+            f"infer.num_actors={ic.num_actors} x infer.cpus_per_actor={ic.cpus_per_actor:g} plus 1 CPU for reading "
+            f"needs {need:g} CPUs; the Ray cluster has {cpus:g}. Lower them or add CPUs (ray.num_cpus)"
+        )
+    if problems and strict:
+        raise ConfigError(problems[0])
+    for problem in problems:
+        log.warning("%s (waiting for the autoscaler, if the cluster has one)", problem)

@@ -1,0 +1,208 @@
+"""One Ray Train run from the driver: build the ``TorchTrainer``, fit, export the best model.
+
+:func:`fit` is what the ``train`` task and every Tune trial run: it opens (or, for a resubmitted
+run name, reopens) the run's single MLflow run, builds the trainer over the Ray Data streams,
+then exports the best checkpoint as a ``vit_model`` directory (``<storage>/train/<run>/model``)
+and logs plots and results. Fault tolerance and resume semantics: docs/training.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import storage as st
+from . import tracking
+from .checkpoint import load_model_weights
+from .config import PipelineConfig, to_dict
+from .data.shards import DatasetVersion
+from .data.stream import build_dataset, stream_spec, train_data_config
+from .errors import UserError
+from .plots import plot_confusion, plot_curves
+from .ray_setup import checkpoint_uri, ensure_ray, ray_storage
+from .train_worker import WorkerSpec, build_model, model_config_for, ray_train_loop
+
+TASK = "train"  # the MLflow task tag of training runs
+MODEL_DIR = "model"  # <run dir>/model: the exported vit_model directory (what register packages)
+
+
+class TrainingStopped(UserError):
+    """Training stopped on purpose (non-finite loss); the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str | None
+    run_uri: str  # <storage>/train/<run name>
+    model_uri: str  # exported vit_model directory of the best checkpoint
+    best_checkpoint_uri: str | None
+    latest_checkpoint_uri: str | None
+    metrics: dict[str, Any]  # best epoch's metrics
+    history: list[dict[str, Any]]
+    restarts: int
+    dataset_uri: str
+    dataset_version: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_run_name(cfg: PipelineConfig, dataset_version: str) -> str:
+    return cfg.train.run_name or f"{cfg.data.name}-{dataset_version[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _scaling_config(cfg: PipelineConfig):
+    import ray  # here, not at the top: importing Ray costs seconds
+    from ray.train import ScalingConfig
+
+    tc = cfg.train
+    use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": tc.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str, start_epoch: int = 0,
+                  callbacks: list | None = None):
+    """The TorchTrainer for one training run (used by :func:`train` and the Tune trials)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, fs = ray_storage(cfg, "train")
+    datasets = {"train": build_dataset(version, "train", cfg, start_epoch=start_epoch),
+                "val": build_dataset(version, "val", cfg, train=False)}
+    run_config = RunConfig(
+        name=run_name, storage_path=storage_path, storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
+                                           checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+        callbacks=callbacks or None,
+    )
+    return TorchTrainer(ray_train_loop, train_loop_config={"spec": dataclasses.asdict(spec)},
+                        scaling_config=_scaling_config(cfg), run_config=run_config, datasets=datasets,
+                        dataset_config=train_data_config(cfg))
+
+
+def resume_epoch(cfg: PipelineConfig, run_name: str) -> int:
+    """The epoch a resubmitted run restarts at (0 for a new run), read from its checkpoints."""
+    base = st.join_uri(cfg.storage.uri, "train", run_name)
+    latest = -1
+    try:
+        for d in st.list_dirs(base, cfg.storage):
+            if d.startswith("checkpoint_"):
+                state_uri = st.join_uri(base, d, "state", "state.json")
+                if st.exists(state_uri, cfg.storage):
+                    latest = max(latest, int(st.read_json(state_uri, cfg.storage)["epoch"]))
+    except st.ObjectNotFound:
+        return 0
+    return latest + 1
+
+
+def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None) -> WorkerSpec:
+    vit_cfg = model_config_for(cfg, version.num_classes, version.channels, version.image_size)
+    return WorkerSpec(
+        config=to_dict(cfg), model_config=vit_cfg.to_dict(), class_names=version.classes,
+        train_count=version.count("train"), val_count=version.count("val"), mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking.resolve_tracking_uri(cfg) if mlflow_run_id else None,
+        pretrained=cfg.model.pretrained, threads=max(1, int(round(cfg.train.cpus_per_worker))),
+    )
+
+
+def fit(cfg: PipelineConfig, version: DatasetVersion, *, run_name: str | None = None,
+        parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Run one training on Ray; returns where its model, checkpoints and MLflow run are."""
+    t0 = time.time()
+    run_name = run_name or default_run_name(cfg, version.version)
+    client = tracking.client(cfg)
+    run_id, resumed = tracking.start_or_resume_run(cfg, run_name, TASK, tags={"dataset.version": version.version},
+                                                   parent_run_id=parent_run_id, mlflow_client=client)
+    if not resumed:
+        tracking.log_config(client, run_id, cfg)
+        tracking.log_dataset_input(client, run_id, name=version.name, digest=version.version, source_uri=version.uri,
+                                   profile={"counts": {s: version.count(s) for s in version.splits}})
+    spec = make_spec(cfg, version, run_id)
+    ensure_ray(cfg)
+    try:
+        trainer = build_trainer(cfg, spec, version, run_name, start_epoch=resume_epoch(cfg, run_name),
+                                callbacks=callbacks)
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(client, run_id, "FAILED")
+        raise
+    summary = result.return_value or {}
+    if result.error is not None:
+        tracking.end_run(client, run_id, "FAILED")
+        raise result.error
+    run_uri = st.join_uri(cfg.storage.uri, "train", run_name)
+    latest = result.checkpoint.path if result.checkpoint else None
+    if summary.get("stopped"):
+        tracking.end_run(client, run_id, "FAILED")
+        where = f"the last good checkpoint is {checkpoint_uri(cfg, latest)}" if latest else "no checkpoint was written"
+        raise TrainingStopped(f"training {run_name!r} stopped: {summary['stopped'].split(';')[0]}; {where}")
+    if not result.best_checkpoints:
+        tracking.end_run(client, run_id, "FAILED")
+        raise UserError(f"training {run_name!r} finished without a checkpoint; check train.epochs (>= 1)")
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
+    model_uri = st.join_uri(run_uri, MODEL_DIR)
+    with best_ckpt.as_directory() as d:
+        history = export_model(Path(d, "state"), spec, version, model_uri, cfg, use_ema=cfg.train.ema_decay > 0)
+    out = TrainResult(
+        run_name=run_name, mlflow_run_id=run_id, run_uri=run_uri, model_uri=model_uri,
+        best_checkpoint_uri=checkpoint_uri(cfg, best_ckpt.path), latest_checkpoint_uri=checkpoint_uri(cfg, latest),
+        metrics={k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
+        history=summary.get("history") or history, restarts=int(summary.get("restarts", 0)),
+        dataset_uri=version.uri, dataset_version=version.version, seconds=time.time() - t0,
+    )
+    _log_outputs(client, run_id, out, best_ckpt, version.classes)
+    tracking.end_run(client, run_id, "FINISHED")
+    return out
+
+
+def export_model(state_dir: Path, spec: WorkerSpec, version, model_uri: str, cfg: PipelineConfig,
+                 use_ema: bool) -> list[dict[str, Any]]:
+    """Write the checkpoint's weights (EMA when used for validation) as a vit_model directory
+    with its preprocessing and class names, then upload it; returns the checkpoint's history."""
+    model = build_model(dataclasses.replace(spec, pretrained=None))
+    state = load_model_weights(state_dir, model, ema=use_ema)
+    eval_spec = stream_spec(version, cfg, train=False)
+    meta = {
+        "class_names": version.classes, "channels": version.channels,
+        "image_size": list(eval_spec.size),
+        "mean": eval_spec.mean.flatten().tolist(), "std": eval_spec.std.flatten().tolist(),
+        "dataset": {"name": version.name, "version": version.version, "uri": version.uri},
+        "epoch": state.get("epoch"), "metrics": ((state.get("metrics") or {}).get("history") or [{}])[-1],
+        "mlflow_run_id": spec.mlflow_run_id,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, meta=meta)
+        st.upload_dir(tmp, model_uri, cfg.storage, last="config.json")  # config.json marks it complete
+    return list((state.get("metrics") or {}).get("history", []))
+
+
+def _log_outputs(client, run_id: str, result: TrainResult, best_ckpt, class_names: list[str]) -> None:
+    """curves.png, confusion_matrix.png (best epoch, validation), train_result.json, tags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if result.history:
+            client.log_artifact(run_id, str(plot_curves(result.history, Path(tmp, "curves.png"))))
+        with best_ckpt.as_directory() as d:
+            state = json.loads(Path(d, "state", "state.json").read_text())
+        confusion = (state.get("metrics") or {}).get("confusion")
+        if confusion:
+            path = plot_confusion(confusion, class_names, Path(tmp, "confusion_matrix.png"),
+                                  title=f"validation, epoch {state.get('epoch')}")
+            client.log_artifact(run_id, str(path))
+    tracking.log_json(client, run_id, result.to_dict(), "train_result.json")
+    for key, value in (("model_uri", result.model_uri), ("best_checkpoint_uri", result.best_checkpoint_uri),
+                       ("restarts", str(result.restarts))):
+        if value is not None:
+            client.set_tag(run_id, f"pipeline.{key}", value)
+    tracking.log_metrics(client, run_id, {f"best_{k}": v for k, v in result.metrics.items() if k.startswith("val_")},
+                         step=int(result.metrics.get("epoch", 0)))
