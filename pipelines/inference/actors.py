@@ -25,6 +25,7 @@ from ..errors import ConfigError, first_line
 from ..imaging import InvalidImage, decode
 from .inputs import InferInput
 from .model import ResolvedModel
+from vit_model import VisionTransformer, ViTConfig
 
 if TYPE_CHECKING:
     import ray.data
@@ -138,8 +139,6 @@ class BatchPredictor:
         import ray  # here: the actor's process pays for these imports, not the driver's CLI
         import torch
         from safetensors.torch import load as load_safetensors
-
-        from vit_model import VisionTransformer, ViTConfig
 
         if not use_gpu:
             torch.set_num_threads(max(1, int(threads)))
