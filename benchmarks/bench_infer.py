@@ -36,15 +36,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import load_config  # noqa: E402
-from pipelines.data.shards import iter_shard_batches  # noqa: E402
-from pipelines.data.stream import decode_chw  # noqa: E402
-from pipelines.infer import infer  # noqa: E402
-from pipelines.inference.model import fetch_model_files, resolve_model  # noqa: E402
-from pipelines.prepare import prepare  # noqa: E402
-from pipelines.register import register  # noqa: E402
-from pipelines.serving import ViTClassifier  # noqa: E402
-from vit_model import VisionTransformer, ViTConfig  # noqa: E402
+from pipelines.config import load_config
+from pipelines.data.shards import iter_shard_batches
+from pipelines.data.stream import decode_chw
+from pipelines.infer import infer
+from pipelines.inference.model import fetch_model_files, resolve_model
+from pipelines.prepare import prepare
+from pipelines.register import register
+from pipelines.serving import ViTClassifier
+from vit_model import VisionTransformer, ViTConfig
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -34,7 +34,7 @@ BATCH = {"cpu": {"vit_s16_224": 8, "fmnist_28_p4_d192_l6": 128}, "cuda": {"vit_s
 def build(impl: str, kw: dict, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if impl == "ours":
-        from vit_model import ViTConfig, VisionTransformer
+        from vit_model import VisionTransformer, ViTConfig
 
         model = VisionTransformer(ViTConfig(**kw))
     else:

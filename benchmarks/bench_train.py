@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import load_config  # noqa: E402
-from pipelines.data.stream import iter_local_batches  # noqa: E402
-from pipelines.prepare import prepare  # noqa: E402
-from pipelines.train import train  # noqa: E402
-from pipelines.train_worker import EpochData, LocalSession, train_worker  # noqa: E402
-from pipelines.trainer import make_spec  # noqa: E402
+from pipelines.config import load_config
+from pipelines.data.stream import iter_local_batches
+from pipelines.prepare import prepare
+from pipelines.train import train
+from pipelines.train_worker import EpochData, LocalSession, train_worker
+from pipelines.trainer import make_spec
 
 
 def subset_idx(folder: Path, n_train: int, n_test: int) -> None:

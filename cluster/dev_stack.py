@@ -46,7 +46,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from s3_server import LocalS3Server, create_bucket, free_port  # noqa: E402
+from s3_server import LocalS3Server, create_bucket, free_port
 
 SERVICES = ("s3", "mlflow", "ray")
 STATE_FILE = "stack.json"

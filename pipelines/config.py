@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, has_credentials
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -244,7 +244,34 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     data = copy.deepcopy(raw)
     for item in overrides:
         _apply_override(data, item)
-    return from_dict(PipelineConfig, data)
+    cfg = from_dict(PipelineConfig, data)
+    _refuse_credentials(cfg)
+    return cfg
+
+
+# settings that hold URIs, and where their credentials belong instead
+URI_SETTINGS = {
+    "storage.uri": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    "storage.s3_endpoint_url": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    "data.source": "the environment of the source's client (AWS_* for s3://)",
+    "data.source_dir": "the environment of the source's client (AWS_* for s3://)",
+    "mlflow.tracking_uri": "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
+    "mlflow.registry_uri": "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
+    "model.pretrained": "HF_TOKEN (hf-hub:) or AWS_* (s3://)",
+    "infer.input": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    "infer.model_uri": "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
+    "ray.address": "RAY_AUTH_TOKEN (Ray token authentication)",
+}
+
+
+def _refuse_credentials(cfg: PipelineConfig) -> None:
+    """A URI setting that embeds a secret is refused, naming the setting but never the value:
+    config values are logged to MLflow, saved beside outputs and printed."""
+    for key, where in URI_SETTINGS.items():
+        section, name = key.split(".")
+        if has_credentials(getattr(getattr(cfg, section), name)):
+            raise ConfigError(f"{key} embeds credentials (user-info or a secret query parameter); remove them from "
+                              f"the URI and put them in {where}")
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -344,7 +371,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, YAML-safe dict of a config (tuples become lists)."""
+    """Plain, YAML-safe dict of a config or of a dict (tuples become lists)."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, (list, tuple)):
@@ -353,7 +380,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
 
 
 def to_yaml(cfg: Any) -> str:

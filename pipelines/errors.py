@@ -52,10 +52,53 @@ def short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+_SECRET_QUERY_KEYS = ("token", "password", "passwd", "secret", "signature", "sig", "key", "credential", "auth")
+
+
+def _userinfo_end(text: str) -> int:
+    """Index of the '@' that ends a URI's user-info, or -1. Also finds user-info whose secret
+    holds a raw '/' (``http://user:se/cret@host``), which a URL parser reads as a path."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() == "file":
+        return -1
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    first = rest.split("/", 1)[0]
+    if "@" in first:
+        return len(scheme) + 3 + first.rindex("@")
+    user, colon, after = first.partition(":")
+    if colon and not after.isdigit() and "@" in rest:  # "user:secret/...@host", not "host:port/a@b"
+        return len(scheme) + 3 + rest.rindex("@")
+    return -1
+
+
+def has_credentials(uri: str | None) -> bool:
+    """True when ``uri`` embeds a secret: ``user:password@`` / ``token@`` user-info, or a query
+    parameter named like a token, password, key or signature."""
+    if not uri or "://" not in str(uri):
+        return False
+    text = str(uri)
+    if _userinfo_end(text) >= 0:
+        return True
+    keys = [k.lower() for k, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(text).query, keep_blank_values=True)]
+    return any(word in k for k in keys for word in _SECRET_QUERY_KEYS)
+
+
 def redact_uri(uri: str) -> str:
-    """A URI safe to print: any ``user:password@`` part, query string and fragment removed."""
-    parts = urllib.parse.urlsplit(str(uri))
-    if parts.username or parts.password:
-        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-    return str(uri)
+    """A URI safe to print: any user-info dropped, and the query string and fragment too when
+    they may hold a secret (see :func:`has_credentials`)."""
+    text = str(uri)
+    if not has_credentials(text):
+        return text
+    end = _userinfo_end(text)
+    if end >= 0:
+        text = text[: text.index("://") + 3] + text[end + 1:]
+    return text.split("?", 1)[0].split("#", 1)[0]
+
+
+def redact_values(obj):
+    """``obj`` (nested dicts, lists, strings) with every string passed through :func:`redact_uri`."""
+    if isinstance(obj, dict):
+        return {k: redact_values(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_values(v) for v in obj)
+    return redact_uri(obj) if isinstance(obj, str) else obj

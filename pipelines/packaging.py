@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vit_model import ViTConfig
+
 from . import storage as st
 from .config import PipelineConfig
 from .errors import RegisterError, redact_uri
 from .serving import ARTIFACT_FILES, PreprocessSpec
-from vit_model import ViTConfig
 
 log = logging.getLogger(__name__)
 

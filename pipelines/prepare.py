@@ -25,10 +25,10 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 from . import storage as st
 from .config import PipelineConfig, to_dict
@@ -135,7 +135,7 @@ def _write_version(cfg: PipelineConfig, source: Source, settings: dict, version:
 
     rejected: list[Rejected] = []
     splits: dict[str, dict] = {}
-    sizes, source_sizes, modes, formats, conversions = Counter(), Counter(), Counter(), Counter(), Counter()
+    sizes, modes, formats, conversions = Counter(), Counter(), Counter(), Counter()
     exif_transposed = 0
     by_content: dict[str, list[tuple[str, str]]] = defaultdict(list)  # sha -> [(split, id)]
     out_mode = "L" if cfg.data.channels == 1 else "RGB"

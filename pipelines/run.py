@@ -22,15 +22,16 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from . import storage as st
 from . import tracking
 from .config import WORKFLOW_STEPS, PipelineConfig, config_from_dict, to_dict
 from .data.shards import load_version
-from .errors import ConfigError, UserError, first_line
+from .errors import ConfigError, UserError, first_line, redact_uri
 from .evaluate import evaluate
 from .infer import infer
 from .prepare import prepare
@@ -228,7 +229,7 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
                 out = execute_step(step, cfg, outputs)
             except UserError as exc:
                 _fail(cfg, record, rec, parent_id, client, step, exc, retryable=False)
-            except Exception as exc:  # noqa: BLE001 - transient or unknown: retry, then report
+            except Exception as exc:
                 if attempt <= cfg.workflow.retries:
                     delay = cfg.workflow.retry_backoff_s * 2 ** (attempt - 1)
                     print(f"[{step}] failed ({type(exc).__name__}: {first_line(exc)}); "
@@ -276,5 +277,5 @@ def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     if "infer" in out:
         print(f"predictions: {out['infer'].get('output_uri')}")
     print(f"run record: {result.record_uri}")
-    print(f"MLflow UI: mlflow ui --backend-store-uri {tracking.resolve_tracking_uri(cfg)} --host 127.0.0.1 --port 5000")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(tracking.resolve_tracking_uri(cfg))} --host 127.0.0.1 --port 5000")
     return 0

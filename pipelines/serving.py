@@ -1,37 +1,11 @@
 """The ViT as an MLflow pyfunc model, built from data files only (safetensors + JSON), never pickle.
 
-A packaged model is a directory of plain files. ``context.artifacts`` maps these names to them:
-
-==============  =====================  =======================================================
-artifact        file                   content
-==============  =====================  =======================================================
-``config``      ``config.json``        vit_model's ``save_pretrained`` document (architecture
-                                       under ``"config"``, provenance under ``"meta"``)
-``weights``     ``model.safetensors``  the state dict (tensors only, no code)
-``class_names`` ``class_names.json``   ``["T-shirt/top", ...]``; position = label index
-``preprocessing`` ``preprocessing.json`` :class:`PreprocessSpec`: channels, size, mean, std
-==============  =====================  =======================================================
-
-The code travels beside them (MLflow ``code_paths``: this file and ``vit_model/``), and the
-pyfunc entry point is ``pipelines/serving_model.py``, logged as *models from code*: MLflow runs
-that file to get the model object instead of unpickling one, so loading a packaged model never
-unpickles anything. The weights are read with :func:`safetensors.torch.load_file`.
-
-``predict`` (the pyfunc API) takes a DataFrame with an ``image`` column of encoded image bytes
-(PNG, JPEG, ...; base64 text is accepted too, as the REST scoring server delivers it) and returns
-one row per input::
-
-    label  label_name  probabilities             error
-    7      Sneaker     [0.01, 0.0, ..., 0.93]    ""
-    -1     ""          []                        "not an image: ..."
-
-Each image is decoded the way ``prepare`` stores training images (:mod:`pipelines.data.validate`):
-EXIF orientation applied, a pixel cap checked from the header, modes converted deliberately to the
-model's channel count, resized (shorter side, bicubic) and centre-cropped to the model's size when
-it differs, then scaled to [0, 1] and normalised with the training mean and std.
-
-:meth:`ViTClassifier.predict_proba` is the fast path for batch inference on already-decoded pixels.
-This module imports nothing from ``pipelines`` so it can ship alone inside a model.
+:class:`ViTClassifier` loads the four artifact files of :data:`ARTIFACT_FILES` (architecture,
+weights, class names, :class:`PreprocessSpec`) and scores encoded images (``predict``: a DataFrame
+with an ``image`` column -> label, label_name, probabilities, error per row) or decoded pixels
+(``predict_proba``). Images are decoded by :mod:`pipelines.imaging`, exactly as prepare stores them.
+This file and ``imaging.py`` import nothing from ``pipelines``: both ship inside every registered
+model (``code/``), where this file is loaded by path. Package layout and guarantees: docs/registry.md.
 """
 
 from __future__ import annotations
@@ -40,9 +14,10 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
@@ -50,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from vit_model import ViTConfig, VisionTransformer, load_state_dict
+from vit_model import VisionTransformer, ViTConfig, load_state_dict
 
 
 def _sibling_module(name: str):

@@ -2,33 +2,13 @@
 
     fs, path = resolve("s3://bucket/datasets/fmnist", cfg.storage)
     write_json("file://./artifacts/x/manifest.json", {...})     # atomic
-    read_bytes("s3://bucket/datasets/fmnist/v1/train/part-00000.parquet", cfg.storage)
 
-URIs
-    ``file://./artifacts`` (relative to the working directory), ``file:///abs/path``, a plain
-    local path, or ``s3://bucket/prefix``. Anything else is rejected with the accepted forms.
-
-S3 settings
-    Endpoint, region and addressing style come from :class:`~pipelines.config.StorageConfig`
-    (``s3_endpoint_url``, ``s3_region``, ``s3_force_path_style``) or the standard environment
-    (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``/``AWS_DEFAULT_REGION``).
-    Credentials are never passed through this module: the AWS SDK inside pyarrow takes them
-    from its default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
-    ``AWS_PROFILE`` + ``~/.aws``, instance roles). Nothing here logs or prints them, and URIs that
-    carry credentials (``s3://key:secret@bucket``, query strings) are refused without echoing them.
-
-Reliability
-    Every operation retries transient errors (throttling, 5xx, dropped connections) with
-    exponential backoff and jitter (``storage.retries``, ``storage.retry_backoff_s``). What cannot
-    be retried is translated into a one-line :class:`~pipelines.errors.StorageError` naming the
-    URI and the fix: missing bucket, unreachable endpoint, denied credentials, missing object.
-
-Atomic writes
-    Local: the bytes go to a temporary name in the destination folder, are fsynced, then
-    ``os.replace``-d over the final name, so readers see the old file or the new one, never a
-    prefix. S3: a PUT (or completed multipart upload) is atomic per object. Multi-object results
-    (a dataset version) are published by writing their marker object (``manifest.json``) last;
-    readers only trust what a marker lists.
+S3 endpoint, region and addressing come from :class:`~pipelines.config.StorageConfig` or the
+standard AWS environment; credentials only from the AWS SDK's default chain, never from a URI,
+and never logged. Transient errors are retried with backoff; the rest become one-line
+:class:`~pipelines.errors.StorageError` naming the URI and the fix. Local writes are atomic
+(temp name + rename); multi-object results are published by a marker written last. See
+docs/data.md, "Storage".
 """
 
 from __future__ import annotations
@@ -39,9 +19,10 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -118,9 +99,12 @@ def parse_uri(uri: str | URI) -> URI:
                 "put endpoint settings in storage.s3_* and credentials in the environment (AWS_* or AWS_PROFILE)"
             )
         bucket, _, key = rest.partition("/")
-        if "@" in bucket:
+        if "@" in bucket or ":" in bucket:
+            # user-info (key:secret@bucket; a secret holding '/' leaves 'key:secret' where the
+            # bucket goes): never valid in a bucket name, and never echoed
+            where = bucket.rsplit("@", 1)[1] if "@" in bucket else "…"
             raise StorageError(
-                f"storage URI s3://…@{bucket.rsplit('@', 1)[1]}/{key} must not embed credentials; "
+                f"storage URI s3://…@{where}/… must not embed credentials; "
                 "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead"
             )
         if not bucket:

@@ -20,11 +20,12 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from .config import PipelineConfig, flatten, to_dict, to_yaml
-from .errors import TrackingError, UserError, redact_uri
+from .errors import ConfigError, TrackingError, UserError, has_credentials, redact_uri, redact_values
 from .storage import join_uri, local_path
 
 RUN_NAME_TAG = "pipeline.run_name"
@@ -38,7 +39,12 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
     if cfg.mlflow.tracking_uri:
         return cfg.mlflow.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        if has_credentials(uri):  # MLflow prints run URLs built from it; never let a secret through
+            raise ConfigError("MLFLOW_TRACKING_URI embeds credentials (user-info or a secret query parameter); "
+                              "remove them and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
+                              "MLFLOW_TRACKING_TOKEN instead")
+        return uri
     root = local_path(cfg.storage.uri) or os.path.abspath("artifacts")
     os.makedirs(root, exist_ok=True)
     return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
@@ -160,14 +166,19 @@ def log_config(mlflow_client, run_id: str, cfg: PipelineConfig, sections: Iterab
     from mlflow.entities import Param
 
     existing = mlflow_client.get_run(run_id).data.params
-    flat = flatten(to_dict(cfg))
+    flat = flatten(redact_values(to_dict(cfg)))
     if sections is not None:
         keep = tuple(f"{s}." for s in sections)
         flat = {k: v for k, v in flat.items() if k.startswith(keep)}
     params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flat.items()) if k not in existing]
     for i in range(0, len(params), 100):
         mlflow_client.log_batch(run_id, params=params[i:i + 100])
-    log_text(mlflow_client, run_id, to_yaml(cfg), "config.yaml")
+    log_text(mlflow_client, run_id, config_yaml(cfg), "config.yaml")
+
+
+def config_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML with every URI redacted (what gets logged or saved)."""
+    return to_yaml(redact_values(to_dict(cfg)))
 
 
 def log_text(mlflow_client, run_id: str, text: str, artifact_file: str) -> None:

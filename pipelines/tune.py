@@ -1,27 +1,13 @@
-"""The tune task: a Ray Tune sweep whose trials each run a Ray Train ``TorchTrainer``.
+"""tune: a Ray Tune sweep (ASHA, optional Optuna) whose trials each run one Ray Train training.
 
-Pattern (Ray Train V2): a *function* trainable per trial calls :func:`pipelines.train.train` with
-``callbacks=[TuneReportCallback()]``, so every epoch's metrics reach Tune and ASHA can stop the
-trial early. ``Tuner(TorchTrainer(...))`` is not used (removed in Train V2).
+    python -m pipelines tune --config FILE [--resume] [--set tune.num_samples=8 ...]
 
-Search space (``tune.space``) maps dotted config keys to a sampler, e.g.::
-
-    tune:
-      space:
-        train.lr: {loguniform: [1.0e-4, 3.0e-3]}
-        model.depth: {choice: [4, 6]}
-        train.mixup_alpha: {uniform: [0.0, 0.4]}
-
-Samplers: ``loguniform``, ``uniform``, ``quniform`` ([low, high, q]), ``randint`` ([low, high)),
-``choice`` (list), ``grid`` (list). Unknown config keys are rejected before anything starts.
-
-MLflow: one parent run for the sweep, one nested child run per trial (the trial's training run,
-``mlflow.parentRunId`` = parent). ``--resume`` continues an interrupted sweep from its state on
-storage (``<storage>/tune/<name>``): finished trials are not re-run, unfinished ones resume from
-their last epoch checkpoint. Child runs that a killed sweep left RUNNING, or that ASHA stopped,
-are closed (KILLED, tag ``pipeline.early_stopped``) when the sweep ends. The best trial
-(config, metrics, checkpoint and model URIs) goes to ``<storage>/tune/<name>/best.json`` and is
-tagged on the parent run.
+Each trial is a function trainable that calls :func:`pipelines.trainer.fit` with
+``TuneReportCallback`` (Train V2), so every epoch reaches the scheduler. ``tune.space`` maps
+dotted config keys to one sampler each (``loguniform``, ``uniform``, ``quniform``, ``randint``,
+``choice``, ``grid``); unknown keys are refused before anything starts. One parent MLflow run
+per sweep, one nested child run per trial; ``--resume`` continues an interrupted sweep from its
+state on storage. The best trial goes to ``<storage>/tune/<name>/best.json``. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -39,7 +25,7 @@ import yaml
 
 from . import storage as st
 from . import tracking
-from .config import PipelineConfig, config_from_dict, load_config, to_dict, to_yaml
+from .config import PipelineConfig, config_from_dict, load_config, to_dict
 from .data.shards import dataset_from_config, load_version
 from .errors import ConfigError, UserError
 from .ray_setup import checkpoint_uri, ensure_ray, pinned_paths, ray_storage
@@ -172,7 +158,7 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     client = tracking.client(cfg)
     parent_id, _ = tracking.start_or_resume_run(cfg, name, TASK, tags={"dataset.version": version.version},
                                                 mlflow_client=client)
-    tracking.log_text(client, parent_id, to_yaml(cfg), "config.yaml")
+    tracking.log_text(client, parent_id, tracking.config_yaml(cfg), "config.yaml")
     storage_path, fs = ray_storage(cfg, "tune")
     trainable = rt.with_resources(
         rt.with_parameters(_trial, base=to_dict(cfg), sweep=name, parent_run_id=parent_id, version_uri=version.uri),

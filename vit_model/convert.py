@@ -11,7 +11,8 @@ itself in the tests by comparing logits with the original implementation for the
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

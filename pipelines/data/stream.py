@@ -1,50 +1,11 @@
 """Streaming a dataset version into training: Ray Data for Ray Train, and a Ray-free iterator.
 
-Driver side (building the trainer)::
-
-    ds_version = dataset_from_config(cfg)                       # pipelines.data.shards
-    trainer = TorchTrainer(
-        train_loop,
-        datasets={"train": build_dataset(ds_version, "train", cfg, start_epoch=resumed_epoch),
-                  "val": build_dataset(ds_version, "val", cfg)},
-        dataset_config=train_data_config(cfg),
-        ...)
-
-Worker side (inside the train loop)::
-
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, cfg.train.epochs):
-        for images, labels in iter_epoch(shard, per_worker_batch_size):   # one epoch per call
-            ...
-
-The pipeline is ``read_parquet`` over the shard URIs of the manifest (pyarrow filesystem from
-:mod:`pipelines.storage`, so S3 endpoints work) -> for training, ``random_shuffle`` seeded by
-``(train.seed, epoch)`` -> ``map_batches`` that decodes the PNGs and applies the
-``torchvision.transforms.v2`` augmentation configured in ``data.augment`` (crop/flip/
-RandAugment or TrivialAugment) and normalises. With ``data.cache_decoded`` (default) a split with
-one image size that fits ``data.cache_max_bytes`` is decoded once per run into uint8 blocks in
-the object store (``materialize``); each epoch then shuffles those blocks and only augments and
-normalises — on a 2-core machine PNG decoding every epoch competes with the training workers
-for the same cores. Ray Train hands each worker its part through
-``streaming_split`` (``get_dataset_shard``); every iteration of a shard is one epoch.
-
-Epochs and determinism
-    ``random_shuffle(seed=RandomSeedConfig(seed, reseed_after_execution=True))`` makes Ray seed
-    the shuffle of the k-th execution of the dataset with ``(seed, k)``; :func:`build_dataset`
-    starts k at ``start_epoch``, so epoch e is shuffled identically in an uninterrupted run and
-    in a run resumed at epoch e. Augmentation randomness is seeded per batch from ``train.seed``
-    and the batch's row ids, so it repeats exactly when the epoch's batches do. What Ray does
-    not reproduce: which worker receives which block (streaming_split hands blocks to whichever
-    worker asks first), and a position inside an epoch — resuming mid-epoch restarts that epoch.
-    See docs/data.md.
-
-Exactly once per epoch
-    With ``data.equal_shards: true`` (default) Train's ``streaming_split(equal=True)`` gives
-    every worker the same number of rows — what DDP needs for matching collective calls — and
-    drops at most ``world_size - 1`` rows per epoch (none when the count divides evenly).
-    ``false`` delivers every row exactly once with uneven per-worker counts; the training loop
-    must then tolerate ranks running out at different steps (e.g. ``torch.distributed.
-    algorithms.Join``).
+Driver side: :func:`build_dataset` (read the manifest's shards -> optional decoded cache in the
+object store -> per-epoch seeded shuffle -> decode + ``torchvision.transforms.v2`` augmentation
+-> normalise) and :func:`train_data_config` for the ``TorchTrainer``. Worker side: one
+:func:`iter_epoch` call per epoch over ``get_dataset_shard``. :func:`iter_local_batches` gives
+the same batches without Ray (tests, evaluation, torchrun). Determinism, what resume reproduces,
+and exactly-once per epoch: docs/data.md, "Streaming into training".
 """
 
 from __future__ import annotations
@@ -52,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -240,14 +202,13 @@ def _read_paths(version: DatasetVersion, split: str, storage: StorageConfig | No
 
 
 def build_dataset(version: DatasetVersion, split: str, cfg: PipelineConfig, *, train: bool | None = None,
-                  start_epoch: int = 0) -> "ray.data.Dataset":
+                  start_epoch: int = 0) -> ray.data.Dataset:
     """A Ray Data dataset of model-ready batches for ``split``.
 
     ``train`` (default: ``split == "train"``) turns on augmentation and, with ``data.shuffle``,
     the per-epoch seeded shuffle; the first iteration of the returned dataset is epoch
     ``start_epoch`` (pass the epoch a resumed run restarts at).
     """
-    import ray.data
     from ray.data import RandomSeedConfig
 
     train = (split == "train") if train is None else train
@@ -267,7 +228,7 @@ def build_dataset(version: DatasetVersion, split: str, cfg: PipelineConfig, *, t
                           batch_format="numpy")
 
 
-def read_shards(paths: list[str], filesystem: Any, columns: list[str] | None = None) -> "ray.data.Dataset":
+def read_shards(paths: list[str], filesystem: Any, columns: list[str] | None = None) -> ray.data.Dataset:
     """``read_parquet`` over explicit shard paths with Ray Data's V1 Parquet reader.
 
     Ray 2.60's default (V2) reader lists files in a 1-CPU task that then creates footer-reader
@@ -296,7 +257,7 @@ def rows_per_block(version: DatasetVersion, split: str) -> int:
     return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_BYTES // avg)))
 
 
-def _start_at_epoch(ds: "ray.data.Dataset", epoch: int) -> None:
+def _start_at_epoch(ds: ray.data.Dataset, epoch: int) -> None:
     """Make the next execution of ``ds`` use the shuffle seed of ``epoch``.
 
     Ray seeds a reseeding shuffle with ``(seed, execution index)`` and counts executions in the
@@ -309,7 +270,7 @@ def _start_at_epoch(ds: "ray.data.Dataset", epoch: int) -> None:
         log.warning("this Ray version has no execution index; epoch %d will not repeat the original run's order", epoch)
 
 
-def ingest_options(cfg: PipelineConfig) -> "ray.data.ExecutionOptions":
+def ingest_options(cfg: PipelineConfig) -> ray.data.ExecutionOptions:
     """Ray Data execution options for training ingest: order preserved (reproducible epochs)."""
     from ray.train import DataConfig
 
@@ -318,7 +279,7 @@ def ingest_options(cfg: PipelineConfig) -> "ray.data.ExecutionOptions":
     return opts
 
 
-def train_data_config(cfg: PipelineConfig) -> "ray.train.DataConfig":
+def train_data_config(cfg: PipelineConfig) -> ray.train.DataConfig:
     """The ``dataset_config`` for TorchTrainer: splits "train" (and "val") across workers.
 
     ``data.equal_shards`` chooses between Train's equal split (default, DDP-safe) and an exact
@@ -358,7 +319,7 @@ def _exact_once_config_class():  # defined lazily so importing this module does 
     return ExactOnceDataConfig
 
 
-def iter_epoch(shard: "ray.data.DataIterator", batch_size: int, *, device: Any = "auto", drop_last: bool = False,
+def iter_epoch(shard: ray.data.DataIterator, batch_size: int, *, device: Any = "auto", drop_last: bool = False,
                prefetch_batches: int = 2, with_ids: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """One epoch of ``(images, labels)`` (or ``(images, labels, row_ids)``) from a worker's shard.
 

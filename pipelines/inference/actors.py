@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+
+from vit_model import VisionTransformer, ViTConfig
 
 from .. import storage as st
 from ..config import AugmentConfig, PipelineConfig, StorageConfig
@@ -25,7 +28,6 @@ from ..errors import ConfigError, first_line
 from ..imaging import InvalidImage, decode
 from .inputs import InferInput
 from .model import ResolvedModel
-from vit_model import VisionTransformer, ViTConfig
 
 if TYPE_CHECKING:
     import ray.data

@@ -71,7 +71,7 @@ def _dataset_input(cfg: PipelineConfig, uri: str, split: str) -> InferInput:
     row_ids: list[int] = []
     for shard_uri in shard_uris:  # one int column per shard: cheap, and catches a damaged version
         fs, path = st.resolve(shard_uri, cfg.storage)
-        table = st.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=["row_id"]), shard_uri, "read",
+        table = st.with_retries(lambda path=path, fs=fs: pq.read_table(path, filesystem=fs, columns=["row_id"]), shard_uri, "read",
                                 cfg.storage)
         row_ids.extend(table.column("row_id").to_pylist())
     ids = tuple(f"{split}/{r}" for r in row_ids)

@@ -13,14 +13,16 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+
+from vit_model import ViTConfig
 
 from .. import tracking
 from ..config import PipelineConfig
 from ..errors import ConfigError, InferError, first_line, redact_uri
-from vit_model import ViTConfig
 
 MODEL_FILES = ("config", "weights", "class_names", "preprocessing")  # python_function artifacts we read
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))/?$")

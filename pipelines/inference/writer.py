@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -71,7 +72,7 @@ def verify_output(data_uri: str, expected_ids: Iterable[str], storage: StorageCo
     columns = ["input_id", "label", "true_label", "error"]
     for entry in files:
         path = st.parse_uri(entry.uri).fs_path
-        table = st.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=columns), entry.uri, "read", storage)
+        table = st.with_retries(lambda path=path: pq.read_table(path, filesystem=fs, columns=columns), entry.uri, "read", storage)
         ids = table.column("input_id").to_pylist()
         keep = np.ones(len(ids), dtype=bool)
         for i, v in enumerate(ids):
@@ -81,10 +82,10 @@ def verify_output(data_uri: str, expected_ids: Iterable[str], storage: StorageCo
                 seen.add(v)
         if not keep.all():
             dupes += int((~keep).sum())
-            full = st.with_retries(lambda: pq.read_table(path, filesystem=fs), entry.uri, "read", storage)
+            full = st.with_retries(lambda path=path: pq.read_table(path, filesystem=fs), entry.uri, "read", storage)
             full, table = full.filter(pa.array(keep)), table.filter(pa.array(keep))
             if full.num_rows == 0:
-                st.with_retries(lambda: fs.delete_file(path), entry.uri, "delete", storage)
+                st.with_retries(lambda path=path: fs.delete_file(path), entry.uri, "delete", storage)
                 continue
             buf = io.BytesIO()
             pq.write_table(full, buf)
@@ -136,7 +137,7 @@ def load_predictions(job_uri: str, storage: StorageConfig | None = None,
     for f in manifest["files"]:
         uri = st.join_uri(job_uri, f["path"])
         fs, path = st.resolve(uri, storage)
-        tables.append(st.with_retries(lambda: pq.read_table(path, filesystem=fs, columns=columns), uri, "read",
+        tables.append(st.with_retries(lambda path=path, fs=fs: pq.read_table(path, filesystem=fs, columns=columns), uri, "read",
                                       storage))
     if not tables:
         return OUTPUT_SCHEMA.empty_table() if columns is None else OUTPUT_SCHEMA.empty_table().select(columns)
