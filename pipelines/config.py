@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,7 +247,25 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
         _apply_override(data, item)
     cfg = from_dict(PipelineConfig, data)
     _refuse_credentials(cfg)
+    _check_names(cfg)
     return cfg
+
+
+# user-chosen names that become folders under storage.uri (or MLflow run names beside them)
+NAME_SETTINGS = ("data.name", "data.version", "train.run_name", "tune.name", "workflow.name", "infer.job_name")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _check_names(cfg: PipelineConfig) -> None:
+    """Names joined into storage paths must stay one folder: no '/', no '..', nothing hidden."""
+    for key in NAME_SETTINGS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None or (key == "data.version" and "://" in value):  # data.version may be a version's URI
+            continue
+        if not _NAME.match(value):
+            raise ConfigError(f"{key}={value!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit (it names a folder under storage.uri)")
 
 
 # settings that hold URIs, and where their credentials belong instead
