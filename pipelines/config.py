@@ -248,7 +248,86 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     cfg = from_dict(PipelineConfig, data)
     _refuse_credentials(cfg)
     _check_names(cfg)
+    _check_values(cfg)
     return cfg
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTO_AUGMENT = (None, "trivial", "randaugment")
+
+
+def _at_least(n: float):
+    return (lambda v: v >= n), f"must be at least {n}"
+
+
+def _optional(check):
+    test, text = check
+    return (lambda v: v is None or test(v)), text
+
+
+def _one_of(*choices):
+    names = ["null" if c is None else repr(c) for c in choices]
+    shown = " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
+    return (lambda v: v in choices), f"is not supported; use {shown}"
+
+
+_POSITIVE = ((lambda v: v > 0), "must be positive")
+_FRACTION = ((lambda v: 0 <= v < 1), "must be in [0, 1)")
+_PROBABILITY = ((lambda v: 0 <= v <= 1), "must be in [0, 1]")
+
+# value checks for every numeric or enumerated setting: (key, (predicate, what it must be))
+VALUE_CHECKS = [
+    ("storage.retries", _at_least(1)), ("storage.retry_backoff_s", _at_least(0)),
+    ("data.channels", _one_of(1, 3)), ("data.image_size", _optional(_at_least(1))),
+    ("data.val_fraction", _FRACTION), ("data.test_fraction", _FRACTION), ("data.shard_rows", _at_least(1)),
+    ("data.shard_max_bytes", _at_least(1)), ("data.max_image_pixels", _at_least(1)),
+    ("data.alpha_background", ((lambda v: 0 <= v <= 255), "must be in 0..255")), ("data.read_threads", _at_least(1)),
+    ("data.cache_max_bytes", _at_least(0)),
+    ("data.augment.random_crop_padding", _at_least(0)), ("data.augment.hflip", _PROBABILITY),
+    ("data.augment.auto_augment", _one_of(*AUTO_AUGMENT)), ("data.augment.randaugment_magnitude", _at_least(0)),
+    ("data.augment.random_erasing", _PROBABILITY),
+    ("data.augment.crop_scale", ((lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1), "must be [low, high] with 0 < low <= high <= 1")),
+    ("data.augment.std", ((lambda v: len(v) > 0 and all(x > 0 for x in v)), "must be positive values")),
+    ("model.img_size", _optional(_at_least(1))), ("model.patch_size", _optional(_at_least(1))),
+    ("model.embed_dim", _optional(_at_least(1))), ("model.depth", _optional(_at_least(1))),
+    ("model.num_heads", _optional(_at_least(1))), ("model.mlp_ratio", _optional(_POSITIVE)),
+    ("model.drop_rate", _FRACTION), ("model.attn_drop_rate", _FRACTION), ("model.drop_path_rate", _FRACTION),
+    ("train.epochs", _at_least(1)), ("train.batch_size", _at_least(1)), ("train.lr", _POSITIVE),
+    ("train.weight_decay", _at_least(0)), ("train.warmup_epochs", _at_least(0)), ("train.min_lr", _at_least(0)),
+    ("train.label_smoothing", _FRACTION), ("train.mixup_alpha", _at_least(0)), ("train.cutmix_alpha", _at_least(0)),
+    ("train.ema_decay", _FRACTION), ("train.clip_grad_norm", _optional(_POSITIVE)),
+    ("train.precision", _one_of(*PRECISIONS)), ("train.num_workers", _at_least(1)),
+    ("train.cpus_per_worker", _POSITIVE), ("train.keep_checkpoints", _at_least(1)), ("train.max_failures", _at_least(0)),
+    ("train.limit_train_batches", _optional(_at_least(1))), ("train.limit_val_batches", _optional(_at_least(1))),
+    ("tune.num_samples", _at_least(1)), ("tune.search", _one_of("random", "optuna")), ("tune.mode", _one_of("max", "min")),
+    ("tune.grace_period", _at_least(1)), ("tune.reduction_factor", _at_least(2)),
+    ("tune.max_concurrent_trials", _optional(_at_least(1))),
+    ("registry.metric", _one_of("test_acc", "test_loss")), ("registry.mode", _one_of("max", "min")),
+    ("registry.margin", _at_least(0)), ("registry.log_tag_entries", _at_least(1)),
+    ("infer.batch_size", _at_least(1)), ("infer.num_actors", _at_least(1)), ("infer.top_k", _at_least(1)),
+    ("infer.cpus_per_actor", _POSITIVE), ("ray.num_cpus", _optional(_at_least(1))),
+    ("workflow.search", _one_of("tune", "train")), ("workflow.retries", _at_least(0)),
+    ("workflow.retry_backoff_s", _at_least(0)),
+    ("workflow.steps", ((lambda v: set(v) <= set(WORKFLOW_STEPS)), f"must list steps from {', '.join(WORKFLOW_STEPS)}")),
+]
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_values(cfg: PipelineConfig) -> None:
+    """Every value no run could use is refused here, before any worker starts, naming the key."""
+    for key, (ok, must) in VALUE_CHECKS:
+        value = _get(cfg, key)
+        if not ok(value):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{key}={shown!r} {must}")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} + data.test_fraction={cfg.data.test_fraction} "
+                          "must leave some training data (sum below 1)")
 
 
 # user-chosen names that become folders under storage.uri (or MLflow run names beside them)

@@ -39,10 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import TrainConfig
+from .config import PRECISIONS, TrainConfig
 from .errors import UserError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 Batch = tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | Mapping[str, torch.Tensor]
 MixFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

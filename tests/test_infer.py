@@ -58,9 +58,8 @@ def test_parse_model_uri():
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, capsys):
-    cfg = make_config(f"file://{tmp_path}/store", f"sqlite:///{tmp_path}/mlflow.db", "infer.batch_size=0")
     with pytest.raises(ConfigError, match="infer.batch_size=0 must be at least 1"):
-        infer(cfg, input_uri=str(tmp_path), model_uri="models:/x@champion")
+        make_config(f"file://{tmp_path}/store", f"sqlite:///{tmp_path}/mlflow.db", "infer.batch_size=0")
     cfg = make_config(f"file://{tmp_path}/store", f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(ConfigError, match="job name 'no/slash'"):
         infer(cfg, input_uri=str(tmp_path), model_uri="models:/x@champion", job_name="no/slash")

@@ -35,3 +35,29 @@ def test_valid_names_and_version_uris_pass():
     cfg = load_config(None, ["data.name=fashion-mnist_v2.1", "train.run_name=Run-7", "workflow.name=wf",
                              "data.version=s3://bucket/datasets/fmnist/abc123"])
     assert cfg.data.version == "s3://bucket/datasets/fmnist/abc123" and cfg.train.run_name == "Run-7"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.num_workers=-1", "train.num_workers=-1 must be at least 1"),
+    ("train.lr=-1", "train.lr=-1.0 must be positive"),
+    ("train.precision=fp8", "train.precision='fp8' is not supported; use 'fp32', 'bf16' or 'fp16'"),
+    ("train.epochs=0", "train.epochs=0 must be at least 1"),
+    ("train.cpus_per_worker=0", "train.cpus_per_worker=0.0 must be positive"),
+    ("model.drop_path_rate=1.0", "model.drop_path_rate=1.0 must be in [0, 1)"),
+    ("data.channels=2", "data.channels=2 is not supported; use 1 or 3"),
+    ("data.augment.crop_scale=[0.9,0.1]", "data.augment.crop_scale=[0.9, 0.1] must be [low, high] with 0 < low <= high <= 1"),
+    ("tune.mode=best", "tune.mode='best' is not supported; use 'max' or 'min'"),
+    ("registry.metric=f1", "registry.metric='f1' is not supported; use 'test_acc' or 'test_loss'"),
+    ("infer.top_k=0", "infer.top_k=0 must be at least 1"),
+    ("workflow.steps=[prepare,deploy]", "workflow.steps=['prepare', 'deploy'] must list steps from prepare, search, "
+                                        "evaluate, register, infer"),
+    ("data.val_fraction=0.6", "data.val_fraction=0.6 + data.test_fraction=0.1 must leave some training data"),
+])
+def test_values_no_run_could_use_are_refused_before_ray_starts(capsys, override, message):
+    import sys
+
+    ray_loaded = "ray" in sys.modules
+    code, out, err = _cli(capsys, "train", "--set", override)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {message}"), err
+    assert ray_loaded or "ray" not in sys.modules  # refused by the config, before anything imports Ray

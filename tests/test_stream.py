@@ -96,9 +96,8 @@ def test_augmentation_is_seeded_by_seed_and_batch(local_ds):
 
 def test_stream_settings_are_validated(local_ds):
     cfg, ds = local_ds
-    bad = make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.augment.auto_augment=autoaugment")
     with pytest.raises(ConfigError, match=r"data.augment.auto_augment='autoaugment' is not supported; use null, 'trivial' or 'randaugment'"):
-        stream_spec(ds, bad, train=True)
+        make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.augment.auto_augment=autoaugment")
     bad = make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.augment.mean=[0.5,0.5]")
     with pytest.raises(ConfigError, match=r"data.augment.mean has 2 values; give 1 or 1"):
         stream_spec(ds, bad, train=True)

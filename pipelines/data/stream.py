@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .. import storage as st
-from ..config import AugmentConfig, PipelineConfig, StorageConfig
+from ..config import AUTO_AUGMENT, AugmentConfig, PipelineConfig, StorageConfig
 from ..errors import ConfigError, DataError
 from .shards import DatasetVersion, read_shard_table
 
@@ -36,7 +36,7 @@ READ_COLUMNS = ["image", "label", "row_id"]
 MAP_BATCH_SIZE = 512
 BLOCK_BYTES = 2 * 2**20  # target encoded bytes per Ray block
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 256, 8192
-AUTO_AUGMENT = (None, "trivial", "randaugment")
+
 
 
 # --------------------------------------------------------------------------------------------
