@@ -51,7 +51,7 @@ def test_valid_names_and_version_uris_pass():
     ("infer.top_k=0", "infer.top_k=0 must be at least 1"),
     ("workflow.steps=[prepare,deploy]", "workflow.steps=['prepare', 'deploy'] must list steps from prepare, search, "
                                         "evaluate, register, infer"),
-    ("data.val_fraction=0.6", "data.val_fraction=0.6 + data.test_fraction=0.1 must leave some training data"),
+    ("data.val_fraction=0.95", "data.val_fraction=0.95 + data.test_fraction=0.1 must leave some training data"),
 ])
 def test_values_no_run_could_use_are_refused_before_ray_starts(capsys, override, message):
     import sys
