@@ -24,7 +24,11 @@ TASKS: dict[str, tuple[str, list[Option]]] = {
         (("--verify",), dict(action="store_true",
                              help="re-read every shard afterwards and check its sha256 and row count")),
     ]),
-    "train": ("train the ViT with Ray Train (DDP workers) and track it in MLflow", []),
+    "train": ("train the ViT with Ray Train (DDP workers) and track it in MLflow", [
+        (("--continue",), dict(dest="extend", action="store_true",
+                               help="resume train.run_name under changed hyperparameters (train.epochs, lr, ...); "
+                                    "the learning-rate schedule is recomputed")),
+    ]),
     "tune": ("search hyperparameters with Ray Tune (ASHA), one nested MLflow run per trial", [
         (("--resume",), dict(action="store_true", help="continue the interrupted sweep named tune.name")),
     ]),

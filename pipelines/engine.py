@@ -158,14 +158,31 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
-    """Per-step warmup (``cfg.warmup_epochs``, may be fractional) + cosine to ``cfg.min_lr``."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    start_step: int = 0) -> LambdaLR:
+    """Per-step warmup (``cfg.warmup_epochs``, may be fractional) + cosine to ``cfg.min_lr``.
+
+    ``start_step > 0`` places the schedule at that step (the next optimizer step uses
+    ``lr(start_step)``); the optimizer's groups must then carry ``initial_lr``."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     total = cfg.epochs * steps_per_epoch
     warmup = min(total, max(0, round(cfg.warmup_epochs * steps_per_epoch)))
     min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    return LambdaLR(optimizer, WarmupCosine(warmup, total, min_ratio))
+    return LambdaLR(optimizer, WarmupCosine(warmup, total, min_ratio), last_epoch=start_step - 1)
+
+
+def continue_schedule(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                      step: int) -> LambdaLR:
+    """After restoring an optimizer from a run with other hyperparameters (``--continue``): the
+    current ``lr`` and ``weight_decay`` replace the restored ones (the AdamW moments stay), and
+    the schedule is rebuilt for the current ``epochs`` and placed at ``step``."""
+    skip = no_weight_decay_names(model)
+    no_decay_ids = {id(p) for n, p in unwrap_model(model).named_parameters() if n in skip}
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"] = cfg.lr
+        group["weight_decay"] = 0.0 if all(id(p) in no_decay_ids for p in group["params"]) else cfg.weight_decay
+    return build_scheduler(optimizer, cfg, steps_per_epoch, start_step=step)
 
 
 # --------------------------------------------------------------------------------------------

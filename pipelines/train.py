@@ -15,13 +15,18 @@ from .data.shards import DatasetVersion, dataset_from_config
 from .trainer import TrainResult, fit
 
 
-def train(cfg: PipelineConfig, *, version: DatasetVersion | None = None, run_name: str | None = None) -> TrainResult:
-    """Train on ``version`` (default: the dataset version the config names, else the newest)."""
-    return fit(cfg, version or dataset_from_config(cfg), run_name=run_name)
+def train(cfg: PipelineConfig, *, version: DatasetVersion | None = None, run_name: str | None = None,
+          extend: bool = False) -> TrainResult:
+    """Train on ``version`` (default: the dataset version the config names, else the newest).
+
+    Resubmitting ``train.run_name`` resumes that run when its settings are unchanged; with
+    ``extend`` (``--continue``) it continues under new hyperparameters (``train.epochs``, ``lr``,
+    ...), the learning-rate schedule recomputed for them."""
+    return fit(cfg, version or dataset_from_config(cfg), run_name=run_name, extend=extend)
 
 
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    result = train(cfg)
+    result = train(cfg, extend=args.extend)
     m = result.metrics
     print(f"run {result.run_name}: best val_acc {m.get('val_acc', float('nan')):.4f} at epoch {m.get('epoch')}, "
           f"{len(result.history)} epochs, {result.restarts} restart(s), {result.seconds:.0f} s")

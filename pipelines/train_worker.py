@@ -36,6 +36,7 @@ from .engine import (
     build_mixup,
     build_optimizer,
     build_scheduler,
+    continue_schedule,
     evaluate,
     reduce_metrics,
     seed_everything,
@@ -55,6 +56,8 @@ class WorkerSpec:
     tracking_uri: str | None = None
     pretrained: str | None = None
     threads: int = 1
+    dataset_version: str = ""  # recorded in every checkpoint: a resume must train on the same data
+    extend: bool = False  # --continue: restored optimizer/schedule take this config's hyperparameters
 
     @property
     def cfg(self) -> PipelineConfig:
@@ -167,6 +170,8 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
         if ckpt_dir:
             state = load_training_state(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
                                         scaler=scaler, restore_rng=False)
+            if spec.extend:  # the driver checked that only continuable hyperparameters changed
+                scheduler = continue_schedule(model, optimizer, tc, steps_per_epoch, int(state["step"]))
             start_epoch = int(state["epoch"]) + 1
             history = list(state["metrics"].get("history", []))
             restarts = int(state["metrics"].get("restarts", 0)) + 1
@@ -206,7 +211,8 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
                     ckpt = str(save_training_state(
                         Path(tmp, "state"), model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
                         scaler=scaler, epoch=epoch, step=scheduler.last_epoch,
-                        metrics={"history": history, "confusion": val["confusion"], "restarts": restarts},
+                        metrics={"history": history, "confusion": val["confusion"], "restarts": restarts,
+                                 "dataset_version": spec.dataset_version},
                         config_dict=spec.config))
                     if logger:
                         logger.epoch(row)

@@ -19,7 +19,7 @@ from typing import Any
 from . import storage as st
 from . import tracking
 from .checkpoint import load_model_weights
-from .config import PipelineConfig, to_dict
+from .config import PipelineConfig, flatten, to_dict
 from .data.shards import DatasetVersion
 from .data.stream import build_dataset, stream_spec, train_data_config
 from .errors import UserError
@@ -91,36 +91,96 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
                         dataset_config=train_data_config(cfg))
 
 
-def resume_epoch(cfg: PipelineConfig, run_name: str) -> int:
-    """The epoch a resubmitted run restarts at (0 for a new run), read from its checkpoints."""
+# A run's settings: what it computes. Resuming a run needs all of them unchanged; --continue may
+# change the hyperparameters below (the schedule is rebuilt); anything else is a new run.
+_NOT_RUN_SETTINGS = ("train.run_name", "train.max_failures", "train.keep_checkpoints", "train.use_gpu")
+CONTINUE_SETTINGS = ("train.epochs", "train.lr", "train.min_lr", "train.weight_decay", "train.warmup_epochs",
+                     "train.label_smoothing", "train.mixup_alpha", "train.cutmix_alpha", "train.clip_grad_norm",
+                     "train.limit_train_batches", "train.limit_val_batches")
+
+
+def run_settings(config: dict[str, Any], dataset_version: str | None) -> dict[str, Any]:
+    """The flat settings that define what a training run computes (model, train, augmentation,
+    data order, dataset version), from a config dict as checkpoints store it."""
+    flat = flatten(config)
+    keep = {k: v for k, v in flat.items()
+            if k.startswith(("model.", "train.", "data.augment.")) and k not in _NOT_RUN_SETTINGS}
+    keep.update({"data.shuffle": flat.get("data.shuffle"), "data.equal_shards": flat.get("data.equal_shards")})
+    if dataset_version:
+        keep["dataset.version"] = dataset_version
+    return keep
+
+
+@dataclass
+class ResumePoint:
+    epoch: int  # the first epoch to run: 0 for a new run
+    changed: dict[str, tuple[Any, Any]]  # setting -> (the run's value, this config's value)
+
+
+def resume_point(cfg: PipelineConfig, run_name: str, version: DatasetVersion) -> ResumePoint:
+    """Where a resubmitted run restarts, and which of its settings this config changes, read
+    from its newest checkpoint on storage (epoch 0 and no changes for a new run)."""
     base = st.join_uri(cfg.storage.uri, "train", run_name)
-    latest = -1
+    latest: dict[str, Any] | None = None
     try:
         for d in st.list_dirs(base, cfg.storage):
-            if d.startswith("checkpoint_"):
-                state_uri = st.join_uri(base, d, "state", "state.json")
-                if st.exists(state_uri, cfg.storage):
-                    latest = max(latest, int(st.read_json(state_uri, cfg.storage)["epoch"]))
+            state_uri = st.join_uri(base, d, "state", "state.json")
+            if d.startswith("checkpoint_") and st.exists(state_uri, cfg.storage):
+                state = st.read_json(state_uri, cfg.storage)
+                if latest is None or int(state["epoch"]) > int(latest["epoch"]):
+                    latest = state
     except st.ObjectNotFound:
-        return 0
-    return latest + 1
+        pass
+    if latest is None:
+        return ResumePoint(0, {})
+    saved_version = (latest.get("metrics") or {}).get("dataset_version")
+    before = run_settings(latest.get("config") or {}, saved_version)
+    now = run_settings(to_dict(cfg), version.version if saved_version else None)
+    changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    return ResumePoint(int(latest["epoch"]) + 1, changed)
 
 
-def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None) -> WorkerSpec:
+def check_resume(run_name: str, point: ResumePoint, extend: bool) -> None:
+    """A resume continues the same run exactly; ``extend`` (--continue) may change only
+    :data:`CONTINUE_SETTINGS`. Anything else is refused in one line."""
+    if not point.changed:
+        return
+    shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(point.changed.items())[:4])
+    more = f" and {len(point.changed) - 4} more" if len(point.changed) > 4 else ""
+    fixed = [k for k in point.changed if k not in CONTINUE_SETTINGS]
+    if extend and not fixed:
+        return
+    if fixed:
+        how = (f"{', '.join(fixed[:3])} cannot change within a run: pick a new train.run_name for a new run, "
+               "or resume it with its own settings")
+    else:
+        how = ("resume it with its own settings, pick a new train.run_name for a new run, or pass --continue to "
+               "extend it with these hyperparameters (the schedule is recomputed)")
+    raise UserError(f"training run {run_name!r} (checkpointed at epoch {point.epoch - 1}) was started with other "
+                    f"settings: {shown}{more}; {how}")
+
+
+def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: bool = False) -> WorkerSpec:
     vit_cfg = model_config_for(cfg, version.num_classes, version.channels, version.image_size)
     return WorkerSpec(
         config=to_dict(cfg), model_config=vit_cfg.to_dict(), class_names=version.classes,
         train_count=version.count("train"), val_count=version.count("val"), mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking.resolve_tracking_uri(cfg) if mlflow_run_id else None,
         pretrained=cfg.model.pretrained, threads=max(1, int(round(cfg.train.cpus_per_worker))),
+        dataset_version=version.version, extend=extend,
     )
 
 
 def fit(cfg: PipelineConfig, version: DatasetVersion, *, run_name: str | None = None,
-        parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:
-    """Run one training on Ray; returns where its model, checkpoints and MLflow run are."""
+        parent_run_id: str | None = None, callbacks: list | None = None, extend: bool = False) -> TrainResult:
+    """Run one training on Ray; returns where its model, checkpoints and MLflow run are.
+
+    A ``run_name`` that already has checkpoints is resumed, provided this config computes the
+    same run (:func:`check_resume`); ``extend`` lets it continue with new hyperparameters."""
     t0 = time.time()
     run_name = run_name or default_run_name(cfg, version.version)
+    point = resume_point(cfg, run_name, version)
+    check_resume(run_name, point, extend)
     client = tracking.client(cfg)
     run_id, resumed = tracking.start_or_resume_run(cfg, run_name, TASK, tags={"dataset.version": version.version},
                                                    parent_run_id=parent_run_id, mlflow_client=client)
@@ -128,11 +188,14 @@ def fit(cfg: PipelineConfig, version: DatasetVersion, *, run_name: str | None = 
         tracking.log_config(client, run_id, cfg)
         tracking.log_dataset_input(client, run_id, name=version.name, digest=version.version, source_uri=version.uri,
                                    profile={"counts": {s: version.count(s) for s in version.splits}})
-    spec = make_spec(cfg, version, run_id)
+    elif point.changed:  # --continue: params are immutable, so the new values go to tags and a config file
+        tag = f"pipeline.continued.epoch_{point.epoch}"
+        client.set_tag(run_id, tag, json.dumps({k: b for k, (_, b) in point.changed.items()}, default=str)[:5000])
+        tracking.log_text(client, run_id, tracking.config_yaml(cfg), f"config-continued-epoch{point.epoch}.yaml")
+    spec = make_spec(cfg, version, run_id, extend=bool(point.changed))
     ensure_ray(cfg)
     try:
-        trainer = build_trainer(cfg, spec, version, run_name, start_epoch=resume_epoch(cfg, run_name),
-                                callbacks=callbacks)
+        trainer = build_trainer(cfg, spec, version, run_name, start_epoch=point.epoch, callbacks=callbacks)
         result = trainer.fit()
     except BaseException:
         tracking.end_run(client, run_id, "FAILED")

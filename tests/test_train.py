@@ -21,6 +21,7 @@ from pipelines import tracking
 from pipelines.checkpoint import load_training_state, read_state
 from pipelines.config import load_config
 from pipelines.data.stream import iter_local_batches
+from pipelines.errors import UserError
 from pipelines.prepare import prepare
 from pipelines.train import train
 from pipelines.train_worker import EpochData, LocalSession, build_model, train_worker
@@ -82,18 +83,22 @@ def test_one_epoch_two_workers_then_resume_then_nan(ray_cluster, s3_dataset, fmn
     assert version.uri in ds_input.dataset.source
     assert run.data.tags["pipeline.model_uri"] == result.model_uri
 
-    # resubmitting the same run name with more epochs resumes from epoch 1 in the same MLflow run
+    # resubmitting the same run name with other settings is refused before anything starts ...
     cfg2 = make_cfg(root, fmnist_idx, tmp_path, "train.epochs=2", "train.run_name=r1")
-    result2 = train(cfg2, version=version)
+    with pytest.raises(UserError, match=r"^training run 'r1' \(checkpointed at epoch 0\) was started with other "
+                                        r"settings: train.epochs 1 -> 2; .*--continue"):
+        train(cfg2, version=version)
+    # ... and continued explicitly with --continue: from epoch 1, in the same MLflow run
+    result2 = train(cfg2, version=version, extend=True)
     assert [h["epoch"] for h in result2.history] == [0, 1] and result2.restarts == 1
     assert result2.history[0] == result.history[0]
     _, runs = _runs(cfg, "r1")
-    assert len(runs) == 1
+    assert len(runs) == 1 and runs[0].data.tags["pipeline.continued.epoch_1"] == '{"train.epochs": 2}'
 
-    # a non-finite loss (std=0 normalisation -> inf pixels) stops the run; epoch 1's checkpoint stays good
-    cfg3 = make_cfg(root, fmnist_idx, tmp_path, "train.epochs=3", "train.run_name=r1", "data.augment.std=[0.0]")
+    # a non-finite loss (an absurd learning rate, continued into epoch 2) stops the run; epoch 1's checkpoint stays good
+    cfg3 = make_cfg(root, fmnist_idx, tmp_path, "train.epochs=3", "train.run_name=r1", "train.lr=1e30")
     with pytest.raises(TrainingStopped, match=r"training 'r1' stopped: non-finite .* at epoch 2.*last good checkpoint is s3://"):
-        train(cfg3, version=version)
+        train(cfg3, version=version, extend=True)
     client, runs = _runs(cfg, "r1")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert "non-finite" in runs[0].data.tags["pipeline.stopped"]
