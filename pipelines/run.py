@@ -4,10 +4,12 @@
 
 Each step runs as a Ray task on the cluster and returns typed outputs (URIs, run ids, model
 versions). The run record ``<storage>/runs/<workflow.name>/record.json`` keeps, per step, the
-hash of its inputs (its config sections + the outputs it consumes), its status, outputs, attempts
-and error. A step whose input hash matches a recorded success is skipped, so a second run with the
-same config does nothing and a run that failed in ``register`` restarts at ``register``.
-``--from STEP`` forces that step and everything after it to run again. Failed steps are retried
+hash of its inputs (its config sections, the outputs it consumes and the code), its status,
+outputs, attempts and error. A step whose input hash matches a recorded success, and whose outputs
+still exist, is skipped; ``prepare`` always runs (it is content-addressed: unchanged sources give the
+same dataset version in seconds), so new data invalidates everything downstream. A changed input
+trains a new sweep (its name carries the input hash); a rerun after a failure resumes the same
+sweep; ``--from STEP`` forces that step and everything after it to run again, afresh. Failed steps are retried
 with exponential backoff (``workflow.retries``), except for errors in the user's input
 (:class:`~pipelines.errors.UserError`), which would fail the same way again. A parent MLflow run
 (task ``run``) carries every step's outputs as tags.
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from . import storage as st
@@ -69,6 +73,12 @@ class StepRecord:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class StepContext:
+    key: str  # hash of the step's inputs (step_key)
+    fresh: bool  # forced by --from: start new work instead of resuming the work recorded for this key
+
+
 @dataclass
 class RunResult:
     name: str
@@ -85,48 +95,52 @@ class RunResult:
 # --------------------------------------------------------------------------------------------
 
 
-def step_prepare(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
+def step_prepare(cfg: PipelineConfig, up: dict[str, dict], ctx: StepContext) -> dict[str, Any]:
     version = prepare(cfg, progress=print)
     return {"dataset_uri": version.uri, "dataset_version": version.version, "classes": version.classes,
             "counts": {s: version.count(s) for s in version.splits}}
 
 
-def step_search(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
+def step_search(cfg: PipelineConfig, up: dict[str, dict], ctx: StepContext) -> dict[str, Any]:
+    """One sweep (or training run) per input key: a changed config or dataset version trains
+    anew, a rerun after a failure resumes the same sweep, ``--from search`` starts a fresh one."""
     version = load_version(up["prepare"]["dataset_uri"], cfg.storage)
+    suffix = ctx.key[:10] + (f"-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}" if ctx.fresh else "")
     if cfg.workflow.search == "tune":
-        name = cfg.tune.name or f"{cfg.workflow.name}-sweep"
+        name = f"{cfg.tune.name or cfg.workflow.name + '-sweep'}-{suffix}"
         res = tune(cfg, version=version, name=name, resume=_sweep_exists(cfg, name))
         return {"model_uri": res.model_uri, "train_run_id": res.best_run_id, "tune_parent_run_id": res.parent_run_id,
                 "best_config": res.best_config, "val_acc": res.best_metrics.get("val_acc"),
-                "checkpoint_uri": res.best_checkpoint_uri}
-    res = train(cfg, version=version, run_name=cfg.train.run_name or f"{cfg.workflow.name}-train")
+                "checkpoint_uri": res.best_checkpoint_uri, "sweep": name}
+    run_name = f"{cfg.train.run_name or cfg.workflow.name + '-train'}-{suffix}"
+    res = train(cfg, version=version, run_name=run_name)
     return {"model_uri": res.model_uri, "train_run_id": res.mlflow_run_id, "val_acc": res.metrics.get("val_acc"),
-            "checkpoint_uri": res.best_checkpoint_uri}
+            "checkpoint_uri": res.best_checkpoint_uri, "train_run": run_name}
 
 
 def _sweep_exists(cfg: PipelineConfig, name: str) -> bool:
     return st.exists(st.join_uri(cfg.storage.uri, "tune", name, "tuner.pkl"), cfg.storage)
 
 
-def step_evaluate(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
+def step_evaluate(cfg: PipelineConfig, up: dict[str, dict], ctx: StepContext) -> dict[str, Any]:
     version = load_version(up["prepare"]["dataset_uri"], cfg.storage)
     res = evaluate(cfg, model_uri=up["search"]["model_uri"], run_id=up["search"].get("train_run_id"), version=version)
     return {"metrics": res.metrics, "result_uri": res.result_uri}
 
 
-def step_register(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
+def step_register(cfg: PipelineConfig, up: dict[str, dict], ctx: StepContext) -> dict[str, Any]:
     return register_from_workflow(cfg, model_uri=up["search"]["model_uri"], run_id=up["search"].get("train_run_id"),
                                   dataset_uri=up["prepare"]["dataset_uri"], metrics=up["evaluate"]["metrics"])
 
 
-def step_infer(cfg: PipelineConfig, up: dict[str, dict]) -> dict[str, Any]:
+def step_infer(cfg: PipelineConfig, up: dict[str, dict], ctx: StepContext) -> dict[str, Any]:
     model_uri = cfg.infer.model_uri or f"models:/{cfg.registry.model_name}@champion"
     source = cfg.infer.input or up["prepare"]["dataset_uri"]
     res = infer(cfg, input_uri=source, model_uri=model_uri, job_name=cfg.infer.job_name or f"{cfg.workflow.name}-infer")
     return dataclasses.asdict(res) if dataclasses.is_dataclass(res) else dict(res)
 
 
-STEP_FUNCTIONS: dict[str, Callable[[PipelineConfig, dict], dict]] = {
+STEP_FUNCTIONS: dict[str, Callable[[PipelineConfig, dict, StepContext], dict]] = {
     "prepare": step_prepare, "search": step_search, "evaluate": step_evaluate,
     "register": step_register, "infer": step_infer,
 }
@@ -149,8 +163,40 @@ def step_key(step: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> str:
         sections["data"] = {"augment": d["data"]["augment"], "equal_shards": d["data"]["equal_shards"],
                             "shuffle": d["data"]["shuffle"]}
         sections["search"] = d["workflow"]["search"]
-    doc = {"step": step, "config": sections, "inputs": {u: upstream[u] for u in UPSTREAM[step]}}
+    doc = {"step": step, "config": sections, "inputs": {u: upstream[u] for u in UPSTREAM[step]},
+           "code": code_digest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the pipeline's and the model's source files: other code, other results."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for package in ("pipelines", "vit_model"):
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def outputs_exist(step: str, outputs: dict[str, Any], cfg: PipelineConfig) -> bool:
+    """Whether a recorded step's outputs are still there (a skipped step must not point at
+    something deleted since)."""
+    if step == "search":
+        return st.exists(st.join_uri(outputs["model_uri"], "config.json"), cfg.storage)
+    if step == "evaluate":
+        return st.exists(outputs["result_uri"], cfg.storage)
+    if step == "infer":
+        return st.exists(outputs["manifest_uri"], cfg.storage)
+    if step == "register":
+        from mlflow.exceptions import MlflowException  # here, not at the top: importing MLflow costs seconds
+
+        try:
+            tracking.client(cfg).get_model_version(outputs["model_name"], str(outputs["version"]))
+        except MlflowException:
+            return False
+        return True
+    return False  # prepare always runs: it is content-addressed and returns an unchanged version at once
 
 
 def record_uri(cfg: PipelineConfig) -> str:
@@ -175,19 +221,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _run_remote(step: str, cfg_dict: dict, upstream: dict) -> dict:
+def _run_remote(step: str, cfg_dict: dict, upstream: dict, ctx: StepContext) -> dict:
     cfg = config_from_dict(cfg_dict)
-    return STEP_FUNCTIONS[step](cfg, upstream)
+    return STEP_FUNCTIONS[step](cfg, upstream, ctx)
 
 
-def execute_step(step: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> dict[str, Any]:
+def execute_step(step: str, cfg: PipelineConfig, upstream: dict[str, dict], ctx: StepContext) -> dict[str, Any]:
     """Run one step as a Ray task (a small CPU share: the step starts its own workers)."""
     import ray  # here, not at the top: importing Ray costs seconds
 
     ensure_ray(cfg)
     remote = ray.remote(num_cpus=0.05, max_retries=0)(_run_remote)
     try:
-        return ray.get(remote.remote(step, to_dict(cfg), upstream))
+        return ray.get(remote.remote(step, to_dict(cfg), upstream, ctx))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         raise cause from None
@@ -214,7 +260,8 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
                              f"add them to workflow.steps")
         key = step_key(step, cfg, outputs)
         prev = record.get(step)
-        if not force and prev is not None and prev.status == "succeeded" and prev.key == key:
+        if not force and prev is not None and prev.status == "succeeded" and prev.key == key \
+                and outputs_exist(step, prev.outputs, cfg):
             print(f"[{step}] skipped: inputs unchanged since {prev.finished}", flush=True)
             skipped.append(step)
             continue
@@ -226,7 +273,8 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
             save_record(cfg, record, parent_id)
             print(f"[{step}] running (attempt {attempt})", flush=True)
             try:
-                out = execute_step(step, cfg, outputs)
+                fresh = from_step is not None and STEPS.index(step) >= STEPS.index(from_step)
+                out = execute_step(step, cfg, outputs, StepContext(key, fresh=fresh))
             except UserError as exc:
                 _fail(cfg, record, rec, parent_id, client, step, exc, retryable=False)
             except Exception as exc:

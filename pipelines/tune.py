@@ -25,14 +25,15 @@ import yaml
 
 from . import storage as st
 from . import tracking
-from .config import PipelineConfig, config_from_dict, load_config, to_dict
-from .data.shards import dataset_from_config, load_version
+from .config import PipelineConfig, config_from_dict, flatten, load_config, to_dict
+from .data.shards import DatasetVersion, dataset_from_config, load_version
 from .errors import ConfigError, UserError
 from .ray_setup import checkpoint_uri, ensure_ray, pinned_paths, ray_storage
 from .trainer import TASK as TRAIN_TASK
-from .trainer import export_model, fit, make_spec
+from .trainer import export_model, fit, make_spec, run_settings
 
 TASK = "tune"
+SWEEP_FILE = "sweep.json"  # <storage>/tune/<name>/sweep.json: the settings the sweep was started with
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
 
 
@@ -154,25 +155,23 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     if cfg.tune.mode not in ("max", "min"):
         raise ConfigError(f"tune.mode={cfg.tune.mode!r} must be 'max' or 'min'")
     cfg = pinned_paths(cfg)
+    storage_path, fs = ray_storage(cfg, "tune")
+    exp_path = os.path.join(storage_path, name)
+    restore = _check_sweep(cfg, name, version, resume, can_restore=rt.Tuner.can_restore(exp_path, storage_filesystem=fs))
     ensure_ray(cfg)
     client = tracking.client(cfg)
     parent_id, _ = tracking.start_or_resume_run(cfg, name, TASK, tags={"dataset.version": version.version},
                                                 mlflow_client=client)
     tracking.log_text(client, parent_id, tracking.config_yaml(cfg), "config.yaml")
-    storage_path, fs = ray_storage(cfg, "tune")
     trainable = rt.with_resources(
         rt.with_parameters(_trial, base=to_dict(cfg), sweep=name, parent_run_id=parent_id, version_uri=version.uri),
         {"CPU": 0.05},
     )
-    exp_path = os.path.join(storage_path, name)
     try:
-        if resume and rt.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        if restore:
             tuner = rt.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                      storage_filesystem=fs)
         else:
-            if resume:
-                raise UserError(f"no sweep state to resume at {st.join_uri(cfg.storage.uri, 'tune', name)}; "
-                                "check tune.name (the sweep's name) or start it without --resume")
             # max_t one past the last epoch: ASHA stops a trial that reaches max_t right after its
             # report, which would cut off the end of its training run (model export, MLflow close)
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, cfg.train.epochs) + 1,
@@ -191,6 +190,45 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     result = _summarise(cfg, grid, name, parent_id, t0, client, version)
     tracking.end_run(client, parent_id, "FINISHED")
     return result
+
+
+def sweep_settings(cfg: PipelineConfig, version: DatasetVersion) -> dict[str, Any]:
+    """What a sweep computes: every trial's run settings (before sampling), the dataset version,
+    and the search itself (space, sampler, scheduler, metric)."""
+    settings = run_settings(to_dict(cfg), version.version)
+    settings.update({k: v for k, v in flatten(to_dict(cfg)).items()
+                     if k.startswith("tune.") and k not in ("tune.name", "tune.max_concurrent_trials")})
+    return settings
+
+
+def _check_sweep(cfg: PipelineConfig, name: str, version: DatasetVersion, resume: bool, can_restore: bool) -> bool:
+    """True when the sweep ``name`` is to be restored. A sweep is resumed only when asked and only
+    with the settings it was started with (recorded in ``sweep.json`` before it starts); an
+    existing sweep is never silently reused or overwritten."""
+    where = st.join_uri(cfg.storage.uri, "tune", name)
+    record_uri = st.join_uri(where, SWEEP_FILE)
+    settings = sweep_settings(cfg, version)
+    if not can_restore:
+        if resume:
+            raise UserError(f"no sweep state to resume at {where}; check tune.name (the sweep's name) or start it "
+                            "without --resume")
+        st.write_json(record_uri, {"sweep": name, "settings": settings}, cfg.storage)
+        return False
+    if not resume:
+        raise UserError(f"sweep {name!r} already exists at {where}; pass --resume to continue it, or pick a new "
+                        "tune.name for a new sweep")
+    try:
+        saved = st.read_json(record_uri, cfg.storage)["settings"]
+    except (st.ObjectNotFound, KeyError, TypeError):
+        raise UserError(f"sweep {name!r} at {where} has no {SWEEP_FILE}: it was not started by this pipeline "
+                        "version, and resuming it could mix settings; pick a new tune.name") from None
+    changed = [f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(saved) | set(settings))
+               if saved.get(k) != settings.get(k)]
+    if changed:
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"sweep {name!r} was started with other settings: {', '.join(changed[:4])}{more}; resume it "
+                        "with its own settings, or pick a new tune.name for a new sweep")
+    return True
 
 
 def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, client, version) -> TuneResult:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import storage as st
+from pipelines import tracking
 from pipelines.config import load_config
 from pipelines.run import StepFailed, load_record, run
 
@@ -22,18 +23,19 @@ def test_cached_rerun_and_resume_after_failed_register(ray_cluster, fmnist_idx, 
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "workflow.name=wf", *TINY]
 
     # 1. register fails on a bad setting: prepare/search/evaluate succeed and are recorded
-    with pytest.raises(StepFailed, match=r"step 'register' failed: registry.metric 'bogus' .*rerun the same command"):
-        run(load_config(None, base + ["registry.metric=bogus"]))
+    with pytest.raises(StepFailed, match=r"step 'register' failed: registry.model_name is empty.*rerun the same command"):
+        run(load_config(None, base + ["registry.model_name=''"]))
     record = load_record(load_config(None, base))
     assert {k: v.status for k, v in record.items()} == {
         "prepare": "succeeded", "search": "succeeded", "evaluate": "succeeded", "register": "failed"}
-    assert "registry.metric" in record["register"].error
+    assert "registry.model_name" in record["register"].error
 
-    # 2. fixed and rerun: the finished steps are skipped, register and infer run
+    # 2. fixed and rerun: the finished steps are skipped (prepare, content-addressed, finds its
+    # version again), register and infer run
     cfg = load_config(None, base)
     second = run(cfg)
-    assert second.skipped == ["prepare", "search", "evaluate"]
-    assert second.executed == ["register", "infer"]
+    assert second.skipped == ["search", "evaluate"]
+    assert second.executed == ["prepare", "register", "infer"]
     for step in ("prepare", "search", "evaluate"):
         assert second.outputs[step] == record[step].outputs  # outputs equal, nothing recomputed
     infer_out = second.outputs["infer"]
@@ -44,13 +46,27 @@ def test_cached_rerun_and_resume_after_failed_register(ray_cluster, fmnist_idx, 
 
     # 3. the same config again: every step skipped, the same outputs
     third = run(cfg)
-    assert third.executed == [] and third.skipped == ["prepare", "search", "evaluate", "register", "infer"]
+    assert third.executed == ["prepare"] and third.skipped == ["search", "evaluate", "register", "infer"]
     assert third.outputs == second.outputs
 
     # 4. --from infer re-runs only infer
     fourth = run(cfg, from_step="infer")
-    assert fourth.executed == ["infer"] and fourth.skipped == ["prepare", "search", "evaluate", "register"]
+    assert fourth.executed == ["prepare", "infer"] and fourth.skipped == ["search", "evaluate", "register"]
     assert fourth.outputs["infer"]["output_count"] == infer_out["output_count"]
+
+    # 5. a changed training input trains anew (never the previous model): a new run for the new key
+    longer = run(load_config(None, base + ["train.epochs=2"]))
+    assert longer.executed == ["prepare", "search", "evaluate", "register", "infer"]
+    old_search, new_search = second.outputs["search"], longer.outputs["search"]
+    assert new_search["train_run"] != old_search["train_run"] and new_search["model_uri"] != old_search["model_uri"]
+    client = tracking.client(cfg)
+    assert len(client.get_metric_history(new_search["train_run_id"], "val_acc")) == 2  # two epochs, not a reused run
+    assert longer.outputs["register"]["version"] != second.outputs["register"]["version"]
+
+    # 6. the first config again: its recorded outputs are reused ... unless forced with --from search
+    again = run(cfg, from_step="search")
+    assert again.executed == ["prepare", "search", "evaluate", "register", "infer"]
+    assert again.outputs["search"]["train_run"] not in (old_search["train_run"], new_search["train_run"])
 
 
 def test_sweep_workflow_with_relative_storage(ray_cluster, fmnist_idx, tmp_path, monkeypatch):
@@ -76,7 +92,8 @@ def test_sweep_workflow_with_relative_storage(ray_cluster, fmnist_idx, tmp_path,
 
     store = tmp_path / "store"
     out = result.outputs
-    assert (store / "tune" / "sweep").is_dir() and out["search"]["tune_parent_run_id"]
+    assert out["search"]["sweep"].startswith("sweep-") and (store / "tune" / out["search"]["sweep"]).is_dir()
+    assert out["search"]["tune_parent_run_id"]
     for uri in (out["search"]["model_uri"], out["search"]["checkpoint_uri"], out["infer"]["manifest_uri"]):
         assert uri.startswith(store.as_uri() + "/"), uri
         assert st.exists(uri), uri
