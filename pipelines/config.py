@@ -332,6 +332,7 @@ def _check_values(cfg: PipelineConfig) -> None:
 
 # user-chosen names that become folders under storage.uri (or MLflow run names beside them)
 NAME_SETTINGS = ("data.name", "data.version", "train.run_name", "tune.name", "workflow.name", "infer.job_name")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -459,6 +460,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads "1e-3" as a string
             return float(value)
         raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
     if tp is str:

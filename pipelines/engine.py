@@ -322,8 +322,9 @@ def train_one_epoch(
 
     A NaN/inf loss raises :class:`NonFiniteLossError` before ``optimizer.step()``, so the weights
     and optimizer state keep their last finite values. Without a GradScaler a non-finite gradient
-    norm raises too: under DDP the gradients are all-reduced, so a NaN on any rank stops every
-    rank at the same step instead of leaving the others waiting in the next collective.
+    norm raises too. Under torch.distributed the ranks decide together (one one-element
+    all-reduce per step), so a non-finite value on any rank stops every rank at the same step
+    instead of leaving the others waiting in the next collective.
     """
     device = torch.device(device)
     precision = resolve_precision(cfg.precision, device)
@@ -356,9 +357,20 @@ def train_one_epoch(
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # inf = measure only
         loss_value, grad_norm = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
 
-        if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_norm)):
+        finite = math.isfinite(loss_value) and (scaler is not None or math.isfinite(grad_norm))
+        if _world_size() > 1:
+            # a loss can be inf on one rank with finite (all-reduced) gradients, and under fp16 the
+            # GradScaler tolerates inf gradients: decide together, so no rank runs on into a
+            # collective that a stopped rank will never join
+            finite = _all_ranks_agree(finite)
+        if not finite:
             optimizer.zero_grad(set_to_none=True)
-            what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
+            if not math.isfinite(loss_value):
+                what = f"loss {loss_value}"
+            elif scaler is None and not math.isfinite(grad_norm):
+                what = f"gradient norm {grad_norm}"
+            else:
+                what = "loss on another rank"
             raise NonFiniteLossError(
                 f"non-finite {what} at epoch {epoch}, step {step} (global step {scheduler.last_epoch}); "
                 "the weights were not updated. Resume from the last good checkpoint with a lower "
@@ -468,6 +480,17 @@ def _eval_metrics_from_sums(sums: dict[str, Any], num_classes: int) -> dict[str,
         "confusion": confusion,
     })
     return out
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True on every rank when ``ok`` is true on every rank (one one-element all-reduce)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _collective_device() -> torch.device:

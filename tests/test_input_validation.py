@@ -61,3 +61,10 @@ def test_values_no_run_could_use_are_refused_before_ray_starts(capsys, override,
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"error: {message}"), err
     assert ray_loaded or "ray" not in sys.modules  # refused by the config, before anything imports Ray
+
+
+def test_exponent_notation_numbers_are_numbers():
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float setting accepts it as the number it is."""
+    assert load_config(None, ["train.lr=1e-3", "train.min_lr=5E-6"]).train.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"config key 'train.lr' must be a number, got '1e-3x'"):
+        load_config(None, ["train.lr=1e-3x"])
