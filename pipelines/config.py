@@ -337,7 +337,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _check_names(cfg: PipelineConfig) -> None:
-    """Names joined into storage paths must stay one folder: no '/', no '..', nothing hidden."""
+    """Names joined into storage paths must stay one folder: no '/', no '..', nothing hidden.
+    Registry names end up in ``models:/NAME@alias`` URIs and MLflow filter strings."""
+    name = cfg.registry.model_name
+    if not name or any(c in name for c in "'\"\\/@:"):
+        raise ConfigError(f"registry.model_name={name!r} must be a non-empty name without quotes, '/', '@' or ':' "
+                          "(it is used in models:/NAME@ALIAS URIs), e.g. vit-fashion-mnist")
     for key in NAME_SETTINGS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -28,7 +28,7 @@ from .config import PipelineConfig
 from .data.shards import DatasetVersion, dataset_from_config
 from .data.stream import iter_local_batches
 from .engine import evaluate as evaluate_batches
-from .errors import UserError
+from .errors import UserError, first_line
 from .plots import plot_confusion
 
 TASK = "evaluate"
@@ -78,7 +78,11 @@ def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str |
             folder = st.download_dir(model_uri, tmp, cfg.storage)
         except st.ObjectNotFound:
             raise UserError(f"no model files at {model_uri}; pass the model URI printed by `python -m pipelines train`") from None
-        model, meta = from_pretrained(folder, return_meta=True)
+        try:
+            model, meta = from_pretrained(folder, return_meta=True)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(f"model {model_uri} cannot be loaded ({first_line(exc)}); pass a folder written by "
+                            "`python -m pipelines train` (config.json + model.safetensors)") from None
     model.eval()
     train_run_id = train_run_id or meta.get("mlflow_run_id")
     if version is None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from . import storage as st
 from . import tracking
 from .config import PipelineConfig
+from .errors import ConfigError, UserError, redact_uri
 
 
 def ensure_ray(cfg: PipelineConfig) -> None:
@@ -28,10 +30,28 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _probe_ray(address)
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=cfg.ray.include_dashboard,
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", configure_logging=False)
+
+
+def _probe_ray(address: str, timeout: float = 5.0) -> None:
+    """One TCP connect to ``host:port`` (GCS or Ray Client), so an unreachable cluster is one line
+    instead of minutes of waiting for the GCS. ``auto``/``local`` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address {redact_uri(address)!r} is not HOST:PORT or ray://HOST:PORT; fix ray.address "
+                          "or RAY_ADDRESS")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError:
+        raise UserError(f"Ray cluster at {redact_uri(address)} is unreachable; start it (ray start --head, or python "
+                        "cluster/dev_stack.py start) or fix ray.address / RAY_ADDRESS") from None
 
 
 def ray_storage(cfg: PipelineConfig, subdir: str) -> tuple[str, Any]:

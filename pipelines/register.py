@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -228,7 +227,7 @@ def _recent_log_tag(client: Any, name: str, entry: dict[str, Any], max_entries: 
 
 def _flat_tags(prefix: str, metrics: Mapping[str, Any]) -> dict[str, str]:
     """Numeric ``metrics`` as tags ``<prefix><name>`` (characters MLflow rejects in keys -> ``_``)."""
-    return {prefix + re.sub(r"[^\w.\-/ ]", "_", str(k)): f"{float(v):.6g}" for k, v in metrics.items()
+    return {prefix + tracking.metric_key(k): f"{float(v):.6g}" for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

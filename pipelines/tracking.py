@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -75,7 +76,14 @@ def client(cfg: PipelineConfig):
     from mlflow.tracking import MlflowClient  # here: importing MLflow costs seconds
 
     tracking_uri, registry_uri = resolve_uris(cfg)
+    for uri in {tracking_uri, registry_uri}:
+        if uri not in _REACHABLE:  # once per process: an unreachable server is one line, not minutes of retries
+            check_tracking_server(uri)
+            _REACHABLE.add(uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+_REACHABLE: set[str] = set()
 
 
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
@@ -192,12 +200,18 @@ def log_json(mlflow_client, run_id: str, obj: Any, artifact_file: str) -> None:
     log_text(mlflow_client, run_id, json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
 
 
+def metric_key(name: str) -> str:
+    """``name`` with the characters MLflow refuses in metric, param and tag keys replaced by ``_``
+    (class names such as ``"T-shirt/top"`` pass; ``"cat (wild)"`` becomes ``"cat _wild_"``)."""
+    return re.sub(r"[^\w\-. /]", "_", str(name))
+
+
 def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-    """Numeric entries of ``metrics`` at ``step`` (one batch call)."""
+    """Numeric entries of ``metrics`` at ``step`` (one batch call); keys made MLflow-safe."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+    batch = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if batch:
         mlflow_client.log_batch(run_id, metrics=batch)
@@ -229,9 +243,15 @@ def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
 
 def latest_model_uri(cfg: PipelineConfig, run_id: str | None = None) -> tuple[str, str | None]:
     """(model URI, training run id) from a run id, or from the newest finished training run."""
+    from mlflow.exceptions import MlflowException
+
     c = client(cfg)
     if run_id:
-        run = c.get_run(run_id)
+        try:
+            run = c.get_run(run_id)
+        except MlflowException:
+            raise UserError(f"MLflow run {run_id!r} does not exist in {redact_uri(resolve_tracking_uri(cfg))}; pass "
+                            "the id of a training run (shown by `python -m pipelines train`) or --model URI") from None
     else:
         runs = c.search_runs([experiment_id(cfg, c)],
                              filter_string=f"tags.`{TASK_TAG}` = 'train' and attributes.status = 'FINISHED'",

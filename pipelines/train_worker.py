@@ -312,4 +312,7 @@ def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         train=lambda epoch: iter_epoch(train_shard, per_worker, device=session.device),
         val=lambda: iter_epoch(val_shard, per_worker, device=session.device),
     )
-    return train_worker(spec, data, session)
+    try:
+        return train_worker(spec, data, session)
+    except UserError as exc:  # bad input fails the same way on every retry: hand it back, don't raise
+        return {"user_error": str(exc)}

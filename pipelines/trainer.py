@@ -161,6 +161,10 @@ def check_resume(run_name: str, point: ResumePoint, extend: bool) -> None:
 
 
 def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: bool = False) -> WorkerSpec:
+    pretrained = cfg.model.pretrained
+    if pretrained and "://" not in pretrained and not pretrained.startswith("hf-hub:") and not Path(pretrained).exists():
+        raise UserError(f"model.pretrained={pretrained!r} does not exist; give a vit_model directory, a weights file, "
+                        "an hf-hub:ORG/NAME id, or null to train from scratch")
     vit_cfg = model_config_for(cfg, version.num_classes, version.channels, version.image_size)
     return WorkerSpec(
         config=to_dict(cfg), model_config=vit_cfg.to_dict(), class_names=version.classes,
@@ -204,6 +208,9 @@ def fit(cfg: PipelineConfig, version: DatasetVersion, *, run_name: str | None = 
     if result.error is not None:
         tracking.end_run(client, run_id, "FAILED")
         raise result.error
+    if summary.get("user_error"):
+        tracking.end_run(client, run_id, "FAILED")
+        raise UserError(summary["user_error"])
     run_uri = st.join_uri(cfg.storage.uri, "train", run_name)
     latest = result.checkpoint.path if result.checkpoint else None
     if summary.get("stopped"):

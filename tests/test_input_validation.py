@@ -68,3 +68,72 @@ def test_exponent_notation_numbers_are_numbers():
     assert load_config(None, ["train.lr=1e-3", "train.min_lr=5E-6"]).train.lr == pytest.approx(1e-3)
     with pytest.raises(ConfigError, match=r"config key 'train.lr' must be a number, got '1e-3x'"):
         load_config(None, ["train.lr=1e-3x"])
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+@pytest.mark.integration
+def test_tracking_inputs_are_one_line_errors(tmp_path, capsys):
+    def error_line(*argv: str) -> str:
+        code, out, err = _cli(capsys, *argv)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+        return errors[0]
+
+    sets = ["--set", f"storage.uri={tmp_path.as_uri()}/store", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    assert error_line("evaluate", "--run-id", "bogus", *sets).startswith("error: MLflow run 'bogus' does not exist")
+    (tmp_path / "empty-model").mkdir()
+    line = error_line("evaluate", "--model", str(tmp_path / "empty-model"), *sets)
+    assert line.startswith(f"error: model {tmp_path / 'empty-model'} cannot be loaded (") and "has no config.json" in line
+    line = error_line("evaluate", "--set", f"storage.uri={tmp_path.as_uri()}/store",
+                      "--set", f"mlflow.tracking_uri=http://127.0.0.1:{_closed_port()}")
+    assert "is unreachable; start it" in line
+
+
+def test_unreachable_ray_address_is_one_line():
+    from pipelines.errors import UserError
+    from pipelines.ray_setup import _probe_ray
+
+    port = _closed_port()
+    with pytest.raises(UserError, match=rf"^Ray cluster at ray://127.0.0.1:{port} is unreachable; start it"):
+        _probe_ray(f"ray://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=r"ray.address 'head-node' is not HOST:PORT"):
+        _probe_ray("head-node")
+
+
+def test_missing_pretrained_weights_are_refused_on_the_driver(tmp_path):
+    import types
+
+    from pipelines.errors import UserError
+    from pipelines.trainer import make_spec
+
+    version = types.SimpleNamespace(num_classes=10, channels=1, image_size=(28, 28), classes=list("abcdefghij"),
+                                    count=lambda split: 10, version="v")
+    cfg = load_config(None, [f"model.pretrained={tmp_path / 'nope'}"])
+    with pytest.raises(UserError, match=r"model.pretrained='.*nope' does not exist; give a vit_model directory"):
+        make_spec(cfg, version, None)
+
+
+@pytest.mark.parametrize("name", ["it's", "a/b", "m@champion", ""])
+def test_registry_names_that_break_model_uris_are_refused(name):
+    with pytest.raises(ConfigError, match=r"registry.model_name=.* must be a non-empty name without quotes"):
+        load_config(None, [f"registry.model_name={name!r}" if name in ("", "it's") else f"registry.model_name={name}"])
+
+
+@pytest.mark.integration
+def test_class_names_mlflow_rejects_become_safe_metric_keys(tmp_path):
+    from pipelines import tracking
+
+    assert tracking.metric_key("T-shirt/top") == "T-shirt/top"
+    assert tracking.metric_key("cat (wild): #1") == "cat _wild__ _1"
+    cfg = load_config(None, [f"storage.uri={tmp_path.as_uri()}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    client = tracking.client(cfg)
+    run_id, _ = tracking.start_or_resume_run(cfg, "keys", "evaluate", mlflow_client=client)
+    tracking.log_metrics(client, run_id, {"test_acc_cat (wild): #1": 0.5}, step=0)
+    assert client.get_run(run_id).data.metrics == {"test_acc_cat _wild__ _1": 0.5}

@@ -22,17 +22,23 @@ def test_cached_rerun_and_resume_after_failed_register(ray_cluster, fmnist_idx, 
     base = [f"storage.uri=file://{tmp_path}/store", f"data.source_dir={fmnist_idx.folder}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "workflow.name=wf", *TINY]
 
-    # 1. register fails on a bad setting: prepare/search/evaluate succeed and are recorded
-    with pytest.raises(StepFailed, match=r"step 'register' failed: registry.model_name is empty.*rerun the same command"):
-        run(load_config(None, base + ["registry.model_name=''"]))
-    record = load_record(load_config(None, base))
+    # 1. register fails (a broken @champion it cannot load): prepare/search/evaluate succeed and are recorded
+    cfg = load_config(None, base)
+    client = tracking.client(cfg)
+    client.create_registered_model("vit-run-test")
+    broken = client.create_model_version("vit-run-test", source=str(tmp_path / "nowhere"))
+    client.set_registered_model_alias("vit-run-test", "champion", broken.version)
+    with pytest.raises(StepFailed, match=r"step 'register' failed: cannot load the champion vit-run-test v1 .*"
+                                         r"rerun the same command"):
+        run(cfg)
+    record = load_record(cfg)
     assert {k: v.status for k, v in record.items()} == {
         "prepare": "succeeded", "search": "succeeded", "evaluate": "succeeded", "register": "failed"}
-    assert "registry.model_name" in record["register"].error
+    assert "cannot load the champion" in record["register"].error
 
-    # 2. fixed and rerun: the finished steps are skipped (prepare, content-addressed, finds its
-    # version again), register and infer run
-    cfg = load_config(None, base)
+    # 2. fixed (the broken alias removed) and rerun: the finished steps are skipped (prepare,
+    # content-addressed, finds its version again), register and infer run
+    client.delete_registered_model_alias("vit-run-test", "champion")
     second = run(cfg)
     assert second.skipped == ["search", "evaluate"]
     assert second.executed == ["prepare", "register", "infer"]
@@ -59,7 +65,6 @@ def test_cached_rerun_and_resume_after_failed_register(ray_cluster, fmnist_idx, 
     assert longer.executed == ["prepare", "search", "evaluate", "register", "infer"]
     old_search, new_search = second.outputs["search"], longer.outputs["search"]
     assert new_search["train_run"] != old_search["train_run"] and new_search["model_uri"] != old_search["model_uri"]
-    client = tracking.client(cfg)
     assert len(client.get_metric_history(new_search["train_run_id"], "val_acc")) == 2  # two epochs, not a reused run
     assert longer.outputs["register"]["version"] != second.outputs["register"]["version"]
 
