@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,8 +229,47 @@ def dataset_from_config(cfg: Any) -> DatasetVersion:
     return find_version(cfg.storage.uri, cfg.data.name, cfg.data.version, cfg.storage)
 
 
-def read_shard_table(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(st.read_bytes(uri, storage)), columns=columns)
+def read_shard_table(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
+                     sha256: str | None = None) -> pa.Table:
+    """One shard as an Arrow table; with ``sha256`` its bytes are checked against it first."""
+    data = st.read_bytes(uri, storage)
+    if sha256 is not None:
+        _check_shard(uri, data, sha256)
+    return pq.read_table(io.BytesIO(data), columns=columns)
+
+
+def _check_shard(uri: str, data: bytes, sha256: str) -> None:
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise DataError(f"shard {uri} does not match its dataset manifest (sha256 {actual[:12]}…, manifest "
+                        f"{sha256[:12]}…, {len(data)} bytes): it was replaced or truncated after prepare; run "
+                        "`python -m pipelines prepare` into a clean storage.uri")
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (version uri, split) checked in this process
+
+
+def verify_split(version: DatasetVersion, split: str, storage: StorageConfig | None = None, threads: int = 8) -> None:
+    """Check every shard of ``split`` against the sha256 in the manifest, once per process (the
+    first time a run reads the split); :class:`DataError` naming the first shard that differs.
+    Reads each shard once, ``threads`` at a time (object-store latency, not CPU, is the cost)."""
+    key = (version.uri, split)
+    if key in _VERIFIED:
+        return
+    shards = version.shards(split)
+
+    def check(shard: ShardInfo) -> None:
+        uri = st.join_uri(version.uri, shard.path)
+        try:
+            data = st.read_bytes(uri, storage)
+        except st.ObjectNotFound:
+            raise DataError(f"shard {uri} listed in the dataset manifest is missing; run `python -m pipelines "
+                            "prepare` into a clean storage.uri") from None
+        _check_shard(uri, data, shard.sha256)
+
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+        list(pool.map(check, shards))
+    _VERIFIED.add(key)
 
 
 def read_split(version: DatasetVersion, split: str, storage: StorageConfig | None = None,
@@ -239,7 +279,7 @@ def read_split(version: DatasetVersion, split: str, storage: StorageConfig | Non
     Returns ``{"image": (N, H, W[, 3]) uint8 (object array of bytes if not decode or sizes
     differ), "label": (N,), "row_id": (N,), "source_id": (N,) object}``, ordered by row_id.
     """
-    tables = [read_shard_table(u, storage) for u in version.shard_uris(split)]
+    tables = list(iter_shard_batches(version, split, storage))
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
     out = {
         "label": table.column("label").to_numpy(),
@@ -265,9 +305,10 @@ def read_split(version: DatasetVersion, split: str, storage: StorageConfig | Non
 
 def iter_shard_batches(version: DatasetVersion, split: str, storage: StorageConfig | None = None,
                        columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Each shard of a split as an Arrow table, in manifest order (a Ray-free reader)."""
-    for uri in version.shard_uris(split):
-        yield read_shard_table(uri, storage, columns)
+    """Each shard of a split as an Arrow table, in manifest order (a Ray-free reader), each
+    checked against its manifest sha256."""
+    for shard in version.shards(split):
+        yield read_shard_table(st.join_uri(version.uri, shard.path), storage, columns, sha256=shard.sha256)
 
 
 def verify(version: DatasetVersion, storage: StorageConfig | None = None) -> list[str]:

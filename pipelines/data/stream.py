@@ -24,7 +24,7 @@ from PIL import Image
 from .. import storage as st
 from ..config import AUTO_AUGMENT, AugmentConfig, PipelineConfig, StorageConfig
 from ..errors import ConfigError, DataError
-from .shards import DatasetVersion, read_shard_table
+from .shards import DatasetVersion, iter_shard_batches, verify_split
 
 if TYPE_CHECKING:
     import ray.data
@@ -214,6 +214,7 @@ def build_dataset(version: DatasetVersion, split: str, cfg: PipelineConfig, *, t
     train = (split == "train") if train is None else train
     spec = stream_spec(version, cfg, train)
     paths, fs = _read_paths(version, split, cfg.storage)
+    verify_split(version, split, cfg.storage)  # once per run, before any worker reads a shard
     ds = read_shards(paths, fs)
     # Ray packs small files into few read tasks; blocks of a few MB let decode run in parallel
     # and give the shuffle (whose output has as many blocks as its input) a useful grain.
@@ -361,7 +362,7 @@ def iter_local_batches(version: DatasetVersion, split: str, cfg: PipelineConfig,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     spec = stream_spec(version, cfg, train)
-    tables = [read_shard_table(u, cfg.storage, READ_COLUMNS) for u in version.shard_uris(split)]
+    tables = list(iter_shard_batches(version, split, cfg.storage, READ_COLUMNS))
     if not tables:
         return
     table = pa.concat_tables(tables)

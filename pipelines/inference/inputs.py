@@ -20,7 +20,7 @@ from .. import storage as st
 from ..config import PipelineConfig
 from ..data.shards import FORMAT as DATASET_FORMAT
 from ..data.shards import MANIFEST as DATASET_MANIFEST
-from ..data.shards import load_version
+from ..data.shards import load_version, verify_split
 from ..errors import ConfigError, DataError
 from ..imaging import IMAGE_EXTENSIONS
 
@@ -68,8 +68,9 @@ def _dataset_input(cfg: PipelineConfig, uri: str, split: str) -> InferInput:
     shard_uris = version.shard_uris(split)
     if version.count(split) == 0 or not shard_uris:
         raise DataError(f"split {split!r} of {uri} is empty; pick another split with --set infer.split=...")
+    verify_split(version, split, cfg.storage)  # the shards are the ones prepare wrote
     row_ids: list[int] = []
-    for shard_uri in shard_uris:  # one int column per shard: cheap, and catches a damaged version
+    for shard_uri in shard_uris:  # one int column per shard
         fs, path = st.resolve(shard_uri, cfg.storage)
         table = st.with_retries(lambda path=path, fs=fs: pq.read_table(path, filesystem=fs, columns=["row_id"]), shard_uri, "read",
                                 cfg.storage)
