@@ -46,6 +46,7 @@ from .ray_setup import ensure_ray
 log = logging.getLogger(__name__)
 
 TASK = "infer"
+LOCK = "_lock"  # <storage>/predictions/<job>/_lock while a job of that name runs
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -140,53 +141,56 @@ def infer(cfg: PipelineConfig, *, input_uri: str, model_uri: str, job_name: str 
     check_resources(cfg, strict=local_cluster)
     setup_s = time.monotonic() - started  # model + input resolution, Ray connection
 
-    run_id = _start_mlflow_run(cfg, client, job, attempt, model, inputs)
-    try:
-        say(f"job {job}: {cfg.infer.num_actors} actor(s) x {cfg.infer.cpus_per_actor:g} CPU"
-            f"{' + 1 GPU' if cfg.infer.use_gpu else ''}, batch {cfg.infer.batch_size}, writing {data_uri}")
-        ray_started = time.monotonic()
-        import ray  # connected by ensure_ray above
+    # one writer per job name: a second concurrent job with this name fails here, cleanly, instead of
+    # publishing a manifest that the first one's clean-up could point at a deleted attempt
+    with st.exclusive(st.join_uri(job_uri, LOCK), f"inference job {job!r}", cfg.storage):
+        run_id = _start_mlflow_run(cfg, client, job, attempt, model, inputs)
+        try:
+            say(f"job {job}: {cfg.infer.num_actors} actor(s) x {cfg.infer.cpus_per_actor:g} CPU"
+                f"{' + 1 GPU' if cfg.infer.use_gpu else ''}, batch {cfg.infer.batch_size}, writing {data_uri}")
+            ray_started = time.monotonic()
+            import ray  # connected by ensure_ray above
 
-        write_rows(build_dataset(cfg, inputs, model, ray.put(package)), data_uri, cfg.storage)
-        ray_s = time.monotonic() - ray_started
-        say(f"Ray job done in {ray_s:.1f} s; verifying one row per input")
+            write_rows(build_dataset(cfg, inputs, model, ray.put(package)), data_uri, cfg.storage)
+            ray_s = time.monotonic() - ray_started
+            say(f"Ray job done in {ray_s:.1f} s; verifying one row per input")
 
-        verify_started = time.monotonic()
-        checked = verify_output(data_uri, inputs.input_ids, cfg.storage)
-        verify_s = time.monotonic() - verify_started
-        if checked.output_count != inputs.count:  # verify_output guarantees it; never publish otherwise
-            raise InferError(f"{checked.output_count} rows for {inputs.count} inputs at {data_uri}; nothing published")
-        if checked.duplicates_removed:
-            log.warning("job %s: dropped %d row(s) written twice by retried tasks", job, checked.duplicates_removed)
-            say(f"dropped {checked.duplicates_removed} row(s) written twice by retried tasks")
+            verify_started = time.monotonic()
+            checked = verify_output(data_uri, inputs.input_ids, cfg.storage)
+            verify_s = time.monotonic() - verify_started
+            if checked.output_count != inputs.count:  # verify_output guarantees it; never publish otherwise
+                raise InferError(f"{checked.output_count} rows for {inputs.count} inputs at {data_uri}; nothing published")
+            if checked.duplicates_removed:
+                log.warning("job %s: dropped %d row(s) written twice by retried tasks", job, checked.duplicates_removed)
+                say(f"dropped {checked.duplicates_removed} row(s) written twice by retried tasks")
 
-        accuracy = correct = None
-        if inputs.kind == "dataset":
-            if inputs.classes == model.class_names and checked.labelled:
-                correct = checked.correct
-                accuracy = correct / checked.labelled
-            else:
-                log.warning("dataset classes %s differ from the model's %s; no accuracy reported",
-                            list(inputs.classes or ()), list(model.class_names))
-        seconds = time.monotonic() - started
-        result = InferResult(
-            job_name=job, output_uri=data_uri, manifest_uri=manifest_uri, input_count=inputs.count,
-            output_count=checked.output_count, error_count=checked.error_count, model_name=model.name,
-            model_version=model.version, input_digest=inputs.digest, seconds=round(seconds, 3),
-            images_per_s=round(inputs.count / seconds, 2) if seconds > 0 else 0.0, accuracy=accuracy, correct=correct,
-            input_kind=inputs.kind, model_uri=model.uri, duplicates_removed=checked.duplicates_removed,
-            timings={"setup_s": round(setup_s, 3), "ray_s": round(ray_s, 3), "verify_s": round(verify_s, 3),
-                     "ray_images_per_s": round(inputs.count / ray_s, 2) if ray_s > 0 else 0.0},
-            mlflow_run_id=run_id,
-        )
-        manifest = _manifest(cfg, result, model, inputs, attempt, checked)
-        publish_manifest(manifest_uri, manifest, cfg.storage)  # last write: the job is complete
-    except BaseException:
-        tracking.end_run(client, run_id, "FAILED")
-        raise
-    cleanup_attempts(job_uri, attempt, cfg.storage)
-    _finish_mlflow_run(client, run_id, result, manifest)
-    return result
+            accuracy = correct = None
+            if inputs.kind == "dataset":
+                if inputs.classes == model.class_names and checked.labelled:
+                    correct = checked.correct
+                    accuracy = correct / checked.labelled
+                else:
+                    log.warning("dataset classes %s differ from the model's %s; no accuracy reported",
+                                list(inputs.classes or ()), list(model.class_names))
+            seconds = time.monotonic() - started
+            result = InferResult(
+                job_name=job, output_uri=data_uri, manifest_uri=manifest_uri, input_count=inputs.count,
+                output_count=checked.output_count, error_count=checked.error_count, model_name=model.name,
+                model_version=model.version, input_digest=inputs.digest, seconds=round(seconds, 3),
+                images_per_s=round(inputs.count / seconds, 2) if seconds > 0 else 0.0, accuracy=accuracy, correct=correct,
+                input_kind=inputs.kind, model_uri=model.uri, duplicates_removed=checked.duplicates_removed,
+                timings={"setup_s": round(setup_s, 3), "ray_s": round(ray_s, 3), "verify_s": round(verify_s, 3),
+                         "ray_images_per_s": round(inputs.count / ray_s, 2) if ray_s > 0 else 0.0},
+                mlflow_run_id=run_id,
+            )
+            manifest = _manifest(cfg, result, model, inputs, attempt, checked)
+            publish_manifest(manifest_uri, manifest, cfg.storage)  # last write: the job is complete
+        except BaseException:
+            tracking.end_run(client, run_id, "FAILED")
+            raise
+        cleanup_attempts(job_uri, attempt, cfg.storage)
+        _finish_mlflow_run(client, run_id, result, manifest)
+        return result
 
 
 def _manifest(cfg: PipelineConfig, result: InferResult, model: ResolvedModel, inputs: InferInput, attempt: str,

@@ -92,18 +92,23 @@ def prepare(cfg: PipelineConfig, progress: Callable[[str], None] | None = None) 
     if st.exists(st.join_uri(vuri, MANIFEST), cfg.storage):
         existing = load_version(vuri, cfg.storage)
         return DatasetVersion(existing.uri, existing.manifest, reused=True)
-    if st.exists(vuri, cfg.storage):
-        # Same inputs + settings give the same shard names and bytes, so the leftovers of a killed
-        # run are simply overwritten (and strays are never read: readers go by the manifest).
-        say(f"completing an earlier, unfinished attempt at {vuri}")
-
-    try:
-        manifest = _write_version(cfg, source, settings, version, inputs_sha256, vuri, say)
-        manifest["prepare_seconds"] = round(time.monotonic() - started, 2)
-        st.write_json(st.join_uri(vuri, MANIFEST), manifest, cfg.storage)  # last: publishes the version
-    except BaseException:
-        _discard_unpublished(vuri, cfg)
-        raise
+    # one writer per version: a concurrent prepare of the same inputs fails here, cleanly, instead
+    # of one of them deleting the other's shards when it fails
+    with st.exclusive(f"{vuri}.lock", f"dataset version {cfg.data.name}/{version}", cfg.storage):
+        if st.exists(st.join_uri(vuri, MANIFEST), cfg.storage):  # published while we waited for the lock
+            existing = load_version(vuri, cfg.storage)
+            return DatasetVersion(existing.uri, existing.manifest, reused=True)
+        if st.exists(vuri, cfg.storage):
+            # Same inputs + settings give the same shard names and bytes, so the leftovers of a killed
+            # run are simply overwritten (and strays are never read: readers go by the manifest).
+            say(f"completing an earlier, unfinished attempt at {vuri}")
+        try:
+            manifest = _write_version(cfg, source, settings, version, inputs_sha256, vuri, say)
+            manifest["prepare_seconds"] = round(time.monotonic() - started, 2)
+            st.write_json(st.join_uri(vuri, MANIFEST), manifest, cfg.storage)  # last: publishes the version
+        except BaseException:
+            _discard_unpublished(vuri, cfg)
+            raise
     return DatasetVersion(str(st.parse_uri(vuri)), manifest)
 
 

@@ -245,6 +245,13 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
         raise ConfigError(f"--from {from_step!r} is not a step; steps: {', '.join(STEPS)}")
     steps = [s for s in STEPS if s in (only or cfg.workflow.steps)]
     cfg = pinned_paths(cfg)  # steps run in Ray workers, whose working directory is not ours
+    # one run of a workflow at a time: a second one fails here instead of racing on record.json
+    with st.exclusive(st.join_uri(cfg.storage.uri, "runs", cfg.workflow.name, "_lock"),
+                      f"workflow {cfg.workflow.name!r}", cfg.storage):
+        return _run(cfg, from_step, steps, sleep)
+
+
+def _run(cfg: PipelineConfig, from_step: str | None, steps: list[str], sleep: Callable[[float], None]) -> RunResult:
     t0 = time.time()
     record = load_record(cfg)
     client = tracking.client(cfg)

@@ -13,13 +13,16 @@ docs/data.md, "Storage".
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import random
+import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -202,8 +205,22 @@ _DENIED_MARKERS = (
 _NO_BUCKET_MARKERS = ("NO_SUCH_BUCKET", "NoSuchBucket", "specified bucket does not exist")
 
 
+_BOTOCORE_TRANSIENT = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError")
+_S3_TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "502", "503", "504")
+
+
+def _client_error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
 def _aws_code(exc: BaseException) -> str:
-    """The AWS error code inside a pyarrow message (``AWS Error ACCESS_DENIED`` -> that)."""
+    """The AWS error code inside a pyarrow message (``AWS Error ACCESS_DENIED`` -> that) or a
+    botocore error (``ClientError`` -> its code; connection errors -> their class name)."""
+    if type(exc).__name__ == "ClientError" and _client_error_code(exc):
+        return "AWS " + _client_error_code(exc)
+    if type(exc).__name__ in _BOTOCORE_TRANSIENT:
+        return "AWS NETWORK_CONNECTION"
     text = str(exc)
     if "AWS Error " in text:
         return "AWS " + text.split("AWS Error ", 1)[1].split(" during", 1)[0].strip()
@@ -214,9 +231,11 @@ def is_transient(exc: BaseException) -> bool:
     """Worth retrying: throttling, server errors, dropped or refused connections, timeouts."""
     if isinstance(exc, (StorageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
+    if isinstance(exc, (TimeoutError, ConnectionError)) or type(exc).__name__ in _BOTOCORE_TRANSIENT:
         return True
     text = str(exc)
+    if type(exc).__name__ == "ClientError" and _client_error_code(exc) in _S3_TRANSIENT_CODES:
+        return True
     if any(m in text for m in _DENIED_MARKERS + _NO_BUCKET_MARKERS):
         return False
     return isinstance(exc, OSError) and any(m in text for m in _TRANSIENT_MARKERS)
@@ -238,7 +257,8 @@ def translate_error(exc: BaseException, uri: str | URI, what: str, storage: Stor
                 f"{where} denied access to {parsed} ({_aws_code(exc)}); check the credentials "
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions on the bucket"
             )
-        if "NETWORK_CONNECTION" in text or "curlCode" in text or isinstance(exc, ConnectionError):
+        if "NETWORK_CONNECTION" in text or "curlCode" in text or isinstance(exc, ConnectionError) \
+                or type(exc).__name__ in _BOTOCORE_TRANSIENT:
             return StorageError(
                 f"cannot reach {where} for {parsed} after {attempts} attempt(s) ({_aws_code(exc)}); "
                 "start the endpoint or fix storage.s3_endpoint_url / AWS_ENDPOINT_URL_S3"
@@ -320,13 +340,66 @@ def write_bytes(uri: str | URI, data: bytes, storage: StorageConfig | None = Non
     if parsed.scheme == "file":
         with_retries(lambda: _atomic_local_write(parsed.path, data), parsed, "write", storage)
         return
-    fs = filesystem(parsed, storage)
+    client = s3_client(storage)
 
     def put() -> None:
-        with fs.open_output_stream(parsed.fs_path) as f:
-            f.write(data)
+        # One PUT (atomic per object) rather than pyarrow's output stream: when a multipart
+        # stream fails, closing it completes the upload with the parts sent so far, leaving a
+        # truncated object under the final name. Above 5 GiB boto3's managed upload aborts the
+        # multipart upload on failure instead.
+        if len(data) <= _SINGLE_PUT_MAX:
+            client.put_object(Bucket=parsed.bucket, Key=parsed.path, Body=data)
+        else:
+            client.upload_fileobj(io.BytesIO(data), parsed.bucket, parsed.path)
 
     with_retries(put, parsed, "write", storage)
+
+
+_SINGLE_PUT_MAX = 5 * 2**30  # S3's limit for one PUT
+
+
+def s3_client(storage: StorageConfig | None = None) -> Any:
+    """A boto3 S3 client with the same endpoint, region and addressing as :func:`filesystem`
+    (credentials from the AWS SDK's default chain)."""
+    import boto3  # here, not at the top: only S3 writes need it
+    from botocore.config import Config
+
+    storage = storage or StorageConfig()
+    region = storage.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                    s3={"addressing_style": "path" if storage.s3_force_path_style else "virtual"})
+    return boto3.client("s3", endpoint_url=endpoint_url(storage), region_name=region, config=config)
+
+
+def create_exclusive(uri: str | URI, data: bytes, storage: StorageConfig | None = None) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there yet: True if this call created it,
+    False if it already existed. Atomic on local disks (``O_CREAT|O_EXCL``) and on S3
+    (``If-None-Match: *``), so of two concurrent writers exactly one wins."""
+    parsed = parse_uri(uri)
+    if parsed.scheme == "file":
+        os.makedirs(os.path.dirname(parsed.path), exist_ok=True)
+        try:
+            fd = os.open(parsed.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    client = s3_client(storage)
+
+    def put() -> bool:
+        try:
+            client.put_object(Bucket=parsed.bucket, Key=parsed.path, Body=data, IfNoneMatch="*")
+            return True
+        except client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
+                    or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return False
+            raise
+
+    return with_retries(put, parsed, "create", storage)
 
 
 def _atomic_local_write(path: str, data: bytes) -> None:
@@ -447,3 +520,71 @@ def download_dir(uri: str | URI, local_dir: str | os.PathLike[str], storage: Sto
         name = entry.uri.rstrip("/").rsplit("/", 1)[-1]
         (out / name).write_bytes(read_bytes(entry.uri, storage))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Locks: one writer at a time for a job, a dataset version, a workflow
+# --------------------------------------------------------------------------------------------
+
+
+class Locked(StorageError):
+    """Another run holds the lock (the message names it and how to proceed)."""
+
+
+@contextlib.contextmanager
+def exclusive(uri: str | URI, what: str, storage: StorageConfig | None = None,
+              ttl_s: float = 24 * 3600) -> Iterator[None]:
+    """Hold the lock object ``uri`` while the block runs, so a second writer of ``what`` fails
+    cleanly (:class:`Locked`) instead of racing. Created with :func:`create_exclusive`; it records
+    the holder (host, pid, time). A lock is taken over when it is stale: its holder was on this
+    host and is gone, or it is older than ``ttl_s`` (a holder on another host that died)."""
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created": time.time()}
+    payload = json.dumps(mine).encode()
+    for _ in range(2):
+        if create_exclusive(uri, payload, storage):
+            break
+        try:
+            held = read_json(uri, storage)
+        except ObjectNotFound:
+            continue  # released meanwhile: try again
+        if not _stale(held, ttl_s):
+            raise Locked(f"{what} is in use by another run (host {held.get('host')}, pid {held.get('pid')}, since "
+                         f"{held.get('since')}); wait for it to finish, or delete {parse_uri(uri)} if that run is gone")
+        log.warning("taking over the stale lock %s (held by host %s, pid %s since %s)", parse_uri(uri),
+                    held.get("host"), held.get("pid"), held.get("since"))
+        _delete_if(uri, held, storage)
+    else:
+        raise Locked(f"{what} is in use by another run that took its lock at the same moment; try again")
+    try:
+        yield
+    finally:
+        _delete_if(uri, mine, storage)
+
+
+def _stale(held: Any, ttl_s: float) -> bool:
+    if not isinstance(held, dict):
+        return True
+    if time.time() - float(held.get("created", 0)) > ttl_s:
+        return True
+    if held.get("host") == socket.gethostname():
+        try:
+            os.kill(int(held.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True  # its process is gone
+        except (PermissionError, ValueError, OSError):
+            return False
+    return False
+
+
+def _delete_if(uri: str | URI, held: dict, storage: StorageConfig | None) -> None:
+    """Delete the lock if it still holds ``held`` (its token), not a newer holder's."""
+    try:
+        current = read_json(uri, storage)
+    except (ObjectNotFound, StorageError):
+        return
+    if isinstance(current, dict) and current.get("token") == held.get("token"):
+        parsed = parse_uri(uri)
+        fs = filesystem(parsed, storage)
+        with contextlib.suppress(Exception):
+            fs.delete_file(parsed.fs_path)
