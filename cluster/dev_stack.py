@@ -12,15 +12,22 @@ What runs (each in its own process session, recorded by pid in ``<state-dir>/sta
             ``s3://<bucket>/mlflow`` served through the server (``--artifacts-destination``), so
             clients need no S3 credentials; ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``.
 ``ray``     ``ray start --head --block`` with its own ``--temp-dir``, ``--num-cpus=4`` (more logical
-            CPUs than cores, see RUNNING-HERE.md), token auth, every port on 127.0.0.1.
+            CPUs than cores, see RUNNING-HERE.md), every port on 127.0.0.1, and Ray token
+            authentication (``RAY_AUTH_MODE=token``) with a token of its own: a random 256-bit
+            token in ``<state-dir>/ray-auth-token`` (mode 0600, created once, kept across restarts;
+            delete it while the stack is stopped to rotate it), passed to the head as
+            ``RAY_AUTH_TOKEN_PATH``. The head and every client must agree on it; without it the
+            jobs API answers 401, with another token 403.
 
 ``stop`` ends exactly these processes by pid (their process groups, then any process still
 running from this stack's Ray temp dir); it never runs ``ray stop``, which kills every Ray
 process on the machine. ``env`` prints the ``export`` lines clients need (also written to
 ``<state-dir>/env.sh``): ``MLFLOW_TRACKING_URI``, ``RAY_ADDRESS``, ``RAY_API_SERVER_ADDRESS``,
-``AWS_ENDPOINT_URL_S3``... The only credentials it ever writes are moto's placeholder
-``testing`` keys, and only when this stack started the S3 endpoint; with a real S3 endpoint
-the AWS SDK finds credentials in the environment or an instance role, never here.
+``AWS_ENDPOINT_URL_S3``, ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` (the token file's
+path, never the token; ``env.sh`` also unsets ``RAY_AUTH_TOKEN``, which would take precedence
+over the file). The only credentials it writes are moto's placeholder ``testing`` keys (only
+when this stack started the S3 endpoint; with a real S3 endpoint the AWS SDK finds credentials
+in the environment or an instance role) and the Ray token file, which only this user can read.
 
 From Python (the tests)::
 
@@ -36,6 +43,7 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -51,6 +59,7 @@ from s3_server import LocalS3Server, create_bucket, free_port
 SERVICES = ("s3", "mlflow", "ray")
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
+TOKEN_FILE = "ray-auth-token"  # the stack's Ray auth token (mode 0600), read through RAY_AUTH_TOKEN_PATH
 BIN = Path(sys.executable).parent  # the venv's bin/: mlflow and ray console scripts
 
 
@@ -129,6 +138,30 @@ def terminate(pids: list[int], grace: float, group: bool = False) -> None:
     _wait_dead(pids, 10)
 
 
+def shell_lines(env: dict[str, str]) -> list[str]:
+    """``export`` lines for ``env``; with a token file, also unset ``RAY_AUTH_TOKEN``, which Ray
+    would otherwise prefer to ``RAY_AUTH_TOKEN_PATH``."""
+    lines = [f"export {k}={v}" for k, v in env.items()]
+    if "RAY_AUTH_TOKEN_PATH" in env:
+        lines.append("unset RAY_AUTH_TOKEN")
+    return lines
+
+
+def ensure_token_file(path: Path) -> Path:
+    """A random Ray auth token (256 bits, as ``ray get-auth-token --generate`` makes) in ``path``,
+    readable by this user only; an existing non-empty file is kept."""
+    if path.is_file() and path.read_text().strip():
+        path.chmod(0o600)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    os.replace(tmp, path)
+    return path
+
+
 def _pids_using(marker: str) -> list[int]:
     """Pids of processes whose command line mentions ``marker`` (this stack's Ray temp dir)."""
     pids = []
@@ -168,8 +201,7 @@ class DevStack:
         tmp = self.state_dir / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(self.state, indent=2))
         os.replace(tmp, self.state_dir / STATE_FILE)
-        lines = [f"export {k}={v}" for k, v in self.env().items()]
-        (self.state_dir / ENV_FILE).write_text("\n".join(lines) + "\n")
+        (self.state_dir / ENV_FILE).write_text("\n".join(shell_lines(self.env())) + "\n")
 
     def running(self) -> dict[str, dict]:
         """Services whose recorded process is still alive."""
@@ -188,6 +220,7 @@ class DevStack:
                 "RAY_ADDRESS": services["ray"]["address"],
                 "RAY_API_SERVER_ADDRESS": services["ray"]["dashboard"],
                 "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": services["ray"].get("token_path", str(self.state_dir / TOKEN_FILE)),
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
             })
@@ -246,10 +279,15 @@ class DevStack:
         digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
         temp_dir = Path(tempfile.gettempdir()) / f"ray-dev-{os.getuid()}-{digest}"
         log = self.state_dir / "ray.log"
+        token_path = ensure_token_file(self.state_dir / TOKEN_FILE)
+        # Token auth with the stack's own token: the head, its dashboard/jobs API, and every driver
+        # and worker it starts (they inherit this environment) read the token from the file.
         env = {**os.environ, **{k: v for k, v in self.env().items() if k.startswith("AWS_") or k.startswith("MLFLOW_")},
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+               "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints = this venv's
         env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over RAY_AUTH_TOKEN_PATH
         # Every port Ray would otherwise take from a fixed default (client server 10001, agent 52365,
         # workers 10002-19999) is chosen free here, so this head coexists with other Ray clusters
         # on the same machine (another user's agent on 52365 leaves jobs with "No available agent").
@@ -263,7 +301,7 @@ class DevStack:
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         _wait_http(dashboard + "/api/version", 120, proc, "ray head", log)
         self.state["services"]["ray"] = {"pid": proc.pid, "address": f"127.0.0.1:{port}", "dashboard": dashboard,
-                                         "temp_dir": str(temp_dir)}
+                                         "temp_dir": str(temp_dir), "token_path": str(token_path)}
 
     # ------------------------------------------------------------------ stop
 
@@ -313,12 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             where = info.get("url") or info.get("dashboard")
             print(f"# {name}: {where} (pid {info['pid']})", file=sys.stderr)
         print(f"# environment: source {stack.state_dir / ENV_FILE}", file=sys.stderr)
-        for key, value in stack.env().items():
-            print(f"export {key}={value}")
+        for line in shell_lines(stack.env()):
+            print(line)
         return 0
     if args.action == "env":
-        for key, value in stack.env().items():
-            print(f"export {key}={value}")
+        for line in shell_lines(stack.env()):
+            print(line)
         return 0
     if args.action == "status":
         recorded = stack.state.get("services", {})

@@ -5,7 +5,8 @@ The integration test starts the stack's S3 endpoint and ``mlflow server`` (real 
 with urllib, checks the artifacts landed in the S3 bucket, and stops both by pid. The Ray head
 test (marked slow) starts the stack's ``ray start --head`` and submits the whole workflow,
 ``python -m pipelines run`` with a tiny config, through ``ray job submit`` with the project's
-runtime env; the job must end SUCCEEDED with every step's outputs on storage.
+runtime env and the stack's Ray auth token; the job must end SUCCEEDED with every step's outputs
+on storage. (tests/test_cluster_auth.py checks that the same head refuses a job without the token.)
 """
 
 from __future__ import annotations
@@ -204,7 +205,9 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path, fmnist_idx):
     stack = DevStack(tmp_path / "state")
     try:
         stack.start(["ray"])
-        env = {**os.environ, **stack.env()}
+        # the stack's token (RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH); RAY_AUTH_TOKEN would win over it
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}, **stack.env()}
+        assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).is_file()
         info = stack.state["services"]["ray"]
         assert info["address"].startswith("127.0.0.1:") and info["dashboard"].startswith("http://127.0.0.1:")
         ray_cli = str(Path(sys.executable).parent / "ray")
