@@ -364,7 +364,7 @@ URI_SETTINGS = {
     "model.pretrained": "HF_TOKEN (hf-hub:) or AWS_* (s3://)",
     "infer.input": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
     "infer.model_uri": "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
-    "ray.address": "RAY_AUTH_TOKEN (Ray token authentication)",
+    "ray.address": "RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (Ray token authentication)",
 }
 
 

@@ -9,6 +9,7 @@ and logs plots and results. Fault tolerance and resume semantics: docs/training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from . import storage as st
 from . import tracking
 from .checkpoint import load_model_weights
-from .config import PipelineConfig, flatten, to_dict
+from .config import PipelineConfig, StorageConfig, flatten, to_dict
 from .data.shards import DatasetVersion
 from .data.stream import build_dataset, stream_spec, train_data_config
 from .errors import UserError
@@ -79,6 +80,7 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
     storage_path, fs = ray_storage(cfg, "train")
     datasets = {"train": build_dataset(version, "train", cfg, start_epoch=start_epoch),
                 "val": build_dataset(version, "val", cfg, train=False)}
+    resume_at = functools.partial(latest_epoch_plus_one, cfg.storage.uri, run_name, cfg.storage)
     run_config = RunConfig(
         name=run_name, storage_path=storage_path, storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -88,7 +90,7 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
     )
     return TorchTrainer(ray_train_loop, train_loop_config={"spec": dataclasses.asdict(spec)},
                         scaling_config=_scaling_config(cfg), run_config=run_config, datasets=datasets,
-                        dataset_config=train_data_config(cfg))
+                        dataset_config=train_data_config(cfg, resume_epoch=resume_at))
 
 
 # A run's settings: what it computes. Resuming a run needs all of them unchanged; --continue may
@@ -117,20 +119,32 @@ class ResumePoint:
     changed: dict[str, tuple[Any, Any]]  # setting -> (the run's value, this config's value)
 
 
-def resume_point(cfg: PipelineConfig, run_name: str, version: DatasetVersion) -> ResumePoint:
-    """Where a resubmitted run restarts, and which of its settings this config changes, read
-    from its newest checkpoint on storage (epoch 0 and no changes for a new run)."""
-    base = st.join_uri(cfg.storage.uri, "train", run_name)
+def latest_checkpoint_state(storage_uri: str, run_name: str, storage: StorageConfig) -> dict[str, Any] | None:
+    """``state.json`` of the newest checkpoint of a training run on storage, or None."""
+    base = st.join_uri(storage_uri, "train", run_name)
     latest: dict[str, Any] | None = None
     try:
-        for d in st.list_dirs(base, cfg.storage):
+        for d in st.list_dirs(base, storage):
             state_uri = st.join_uri(base, d, "state", "state.json")
-            if d.startswith("checkpoint_") and st.exists(state_uri, cfg.storage):
-                state = st.read_json(state_uri, cfg.storage)
+            if d.startswith("checkpoint_") and st.exists(state_uri, storage):
+                state = st.read_json(state_uri, storage)
                 if latest is None or int(state["epoch"]) > int(latest["epoch"]):
                     latest = state
     except st.ObjectNotFound:
         pass
+    return latest
+
+
+def latest_epoch_plus_one(storage_uri: str, run_name: str, storage: StorageConfig) -> int:
+    """The epoch a (re)started worker group of the run resumes at: 0 before any checkpoint."""
+    state = latest_checkpoint_state(storage_uri, run_name, storage)
+    return 0 if state is None else int(state["epoch"]) + 1
+
+
+def resume_point(cfg: PipelineConfig, run_name: str, version: DatasetVersion) -> ResumePoint:
+    """Where a resubmitted run restarts, and which of its settings this config changes, read
+    from its newest checkpoint on storage (epoch 0 and no changes for a new run)."""
+    latest = latest_checkpoint_state(cfg.storage.uri, run_name, cfg.storage)
     if latest is None:
         return ResumePoint(0, {})
     saved_version = (latest.get("metrics") or {}).get("dataset_version")

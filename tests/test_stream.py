@@ -228,3 +228,28 @@ def test_two_train_workers_see_every_sample_exactly_once_per_epoch(ray_cluster, 
             assert all(labels[rid] == y for rid, y in seen)  # labels travel with their images
         orders[epoch] = per_rank
     assert orders[0] != orders[1]  # a different order next epoch
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("equal", [True, False], ids=["equal-split", "exact-once-split"])
+def test_a_restarted_worker_group_shuffles_the_epoch_it_resumes_at(ray_cluster, s3_ds, equal):
+    """Ray Train calls DataConfig.configure each time it (re)starts the worker group, with the
+    datasets built when the trainer was built (start epoch 0). A group restarted after a failure
+    in epoch 2 must see epoch 2's order, not epoch 0's again."""
+    cfg, ds = s3_ds
+    cfg = make_cfg(cfg.storage.uri, cfg.data.source_dir, f"data.equal_shards={str(equal).lower()}")
+
+    def group(resume_epoch):
+        """The iterator one (re)started single-worker group gets."""
+        its = train_data_config(cfg, resume_epoch=resume_epoch).configure(
+            {"train": build_dataset(ds, "train", cfg)}, world_size=1, worker_handles=None, worker_node_ids=None)
+        return its[0]["train"]
+
+    def order(it):
+        return [int(i) for b in it.iter_batches(batch_size=64, batch_format="numpy") for i in b["row_id"]]
+
+    uninterrupted = group(lambda: 0)
+    orders = [order(uninterrupted) for _ in range(3)]  # epochs 0, 1, 2
+    assert sorted(orders[2]) == list(range(ds.count("train"))) and orders[2] != orders[0]
+    assert order(group(lambda: 2)) == orders[2]  # a group restarted in epoch 2 sees epoch 2's order
+    assert order(group(lambda: 0)) == orders[0]

@@ -10,6 +10,7 @@ and exactly-once per epoch: docs/data.md, "Streaming into training".
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -280,33 +281,36 @@ def ingest_options(cfg: PipelineConfig) -> ray.data.ExecutionOptions:
     return opts
 
 
-def train_data_config(cfg: PipelineConfig) -> ray.train.DataConfig:
+def train_data_config(cfg: PipelineConfig, resume_epoch: Callable[[], int] | None = None) -> ray.train.DataConfig:
     """The ``dataset_config`` for TorchTrainer: splits "train" (and "val") across workers.
 
     ``data.equal_shards`` chooses between Train's equal split (default, DDP-safe) and an exact
-    once-per-epoch split with uneven per-worker counts (see the module doc).
+    once-per-epoch split with uneven per-worker counts (see docs/data.md). ``resume_epoch`` (a
+    picklable callable: the epoch the workers will resume at, read from the run's checkpoints)
+    is asked every time Ray Train (re)starts the worker group, so a group restarted after a
+    failure in epoch e shuffles epoch e exactly as the uninterrupted run did.
     """
+    return _epoch_aligned_config_class()(ingest_options(cfg), equal=cfg.data.equal_shards, resume_epoch=resume_epoch)
+
+
+def _epoch_aligned_config_class():  # defined lazily so importing this module does not import ray
     from ray.train import DataConfig
 
-    options = ingest_options(cfg)
-    if cfg.data.equal_shards:
-        return DataConfig(execution_options=options)
-    return _exact_once_config_class()(options)
+    class EpochAlignedDataConfig(DataConfig):
+        """DataConfig whose "train" shuffle starts at the epoch the worker group resumes at, with
+        Train's equal split or ``streaming_split(equal=False)`` (no row dropped)."""
 
-
-def _exact_once_config_class():  # defined lazily so importing this module does not import ray
-    from ray.train import DataConfig
-
-    class ExactOnceDataConfig(DataConfig):
-        """Like DataConfig, but ``streaming_split(equal=False)``: no row is dropped."""
-
-        def __init__(self, options):
+        def __init__(self, options, *, equal: bool, resume_epoch: Callable[[], int] | None):
             super().__init__(execution_options=options)
-            self._options = options
+            self._options, self._equal, self._resume_epoch = options, equal, resume_epoch
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            import copy
-
+            if self._resume_epoch is not None and "train" in datasets:
+                # each (re)started group gets fresh split coordinators from these datasets; without
+                # this they would all count executions from the epoch the trainer was built at
+                _start_at_epoch(datasets["train"], int(self._resume_epoch()))
+            if self._equal:
+                return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
             output: list[dict] = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 if ds.name is None:
@@ -317,7 +321,7 @@ def _exact_once_config_class():  # defined lazily so importing this module does 
                     output[rank][name] = it
             return output
 
-    return ExactOnceDataConfig
+    return EpochAlignedDataConfig
 
 
 def iter_epoch(shard: ray.data.DataIterator, batch_size: int, *, device: Any = "auto", drop_last: bool = False,
