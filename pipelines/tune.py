@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import tempfile
@@ -169,8 +170,10 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     )
     try:
         if restore:
+            _check_tuner_pickle(cfg, name)  # Tune unpickles tuner.pkl: only the one this pipeline wrote
             tuner = rt.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                      storage_filesystem=fs)
+            _record_tuner_pickle(cfg, name)
         else:
             # max_t one past the last epoch: ASHA stops a trial that reaches max_t right after its
             # report, which would cut off the end of its training run (model export, MLflow close)
@@ -183,6 +186,7 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
                                           max_concurrent_trials=max_concurrent(cfg)),
                 run_config=rt.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs),
             )
+            _record_tuner_pickle(cfg, name)  # Tune wrote tuner.pkl as the Tuner was built
         grid = tuner.fit()
     except BaseException:
         tracking.end_run(client, parent_id, "FAILED")
@@ -229,6 +233,32 @@ def _check_sweep(cfg: PipelineConfig, name: str, version: DatasetVersion, resume
         raise UserError(f"sweep {name!r} was started with other settings: {', '.join(changed[:4])}{more}; resume it "
                         "with its own settings, or pick a new tune.name for a new sweep")
     return True
+
+
+def _tuner_pickle_sha256(cfg: PipelineConfig, name: str) -> str | None:
+    uri = st.join_uri(cfg.storage.uri, "tune", name, "tuner.pkl")
+    try:
+        return hashlib.sha256(st.read_bytes(uri, cfg.storage)).hexdigest()
+    except st.ObjectNotFound:
+        return None
+
+
+def _record_tuner_pickle(cfg: PipelineConfig, name: str) -> None:
+    """Keep the sha256 of the ``tuner.pkl`` Tune just wrote in our ``sweep.json``."""
+    uri = st.join_uri(cfg.storage.uri, "tune", name, SWEEP_FILE)
+    record = st.read_json(uri, cfg.storage)
+    record["tuner_pkl_sha256"] = _tuner_pickle_sha256(cfg, name)
+    st.write_json(uri, record, cfg.storage)
+
+
+def _check_tuner_pickle(cfg: PipelineConfig, name: str) -> None:
+    """Refuse to let Tune unpickle a ``tuner.pkl`` other than the one recorded when it was written."""
+    recorded = st.read_json(st.join_uri(cfg.storage.uri, "tune", name, SWEEP_FILE), cfg.storage).get("tuner_pkl_sha256")
+    actual = _tuner_pickle_sha256(cfg, name)
+    if recorded is None or actual != recorded:
+        raise UserError(f"sweep {name!r}: its tuner.pkl is not the one this pipeline wrote (sha256 "
+                        f"{(actual or 'missing')[:12]}…, recorded {(recorded or 'none')[:12]}…); refusing to unpickle "
+                        "it. Pick a new tune.name for a new sweep")
 
 
 def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, client, version) -> TuneResult:
