@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, run_module
 
 from pipelines.config import PipelineConfig, flatten, load_config, to_dict, to_yaml
 from pipelines.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -71,19 +68,12 @@ def test_missing_config_file(tmp_path):
 
 def test_cli_bad_config_is_one_line_exit_2(tmp_path):
     path = _write(tmp_path, "train:\n  epocs: 3\n")
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "train", "--config", str(path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_module("train", "--config", str(path))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: unknown config key 'train.epocs'")
     assert "Traceback" not in proc.stderr
-
-
-def run_module(*args: str, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """``python [flags] -m pipelines ARGS`` in the repository, help wide enough to print one line per entry."""
-    return subprocess.run([sys.executable, *python_flags, "-m", "pipelines", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
 
 
 # Each task's own options besides -h/--config/--set that `python -m pipelines TASK --help` must list.

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from data_zoo import make_split_tree, png_bytes
+from helpers import run_module
 from PIL import Image
 from s3_server import LocalS3Server, free_port
 
@@ -18,7 +15,6 @@ from pipelines.errors import DataError, StorageError
 from pipelines.prepare import prepare
 
 SECRET = "Sup3rSecretValue-do-not-print"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys, *args):
@@ -153,11 +149,6 @@ def test_bad_storage_uri(capsys):
 # The tests above call cli.main in-process. These run the real entry point, ``python -m pipelines``:
 # a StorageError raised by prepare must end the process with exit code 2 and its message as the
 # only line on stderr (no traceback, no log noise from pyarrow or the AWS SDK), nothing on stdout.
-
-
-def run_module(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_storage_error_ends_the_process_with_one_line_and_exit_2():

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import tiny_vit
 
 from pipelines.config import TrainConfig
 from pipelines.engine import (
@@ -29,16 +30,10 @@ from pipelines.engine import (
     unwrap_model,
 )
 from pipelines.errors import UserError
-from vit_model import VisionTransformer, ViTConfig
+from vit_model import VisionTransformer
 
 CPU = torch.device("cpu")
-NUM_CLASSES = 10
-
-
-def tiny_vit(dropout: float = 0.0, reg_tokens: int = 0) -> VisionTransformer:
-    return VisionTransformer(ViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=NUM_CLASSES, embed_dim=32,
-                                       depth=2, num_heads=2, reg_tokens=reg_tokens, drop_rate=dropout,
-                                       proj_drop_rate=dropout))
+NUM_CLASSES = 10  # tiny_vit's
 
 
 def toy_batches(n: int = 256, batch_size: int = 32, seed: int = 1, dicts: bool = False) -> list:
