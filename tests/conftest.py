@@ -42,6 +42,26 @@ sys.path.insert(0, str(ROOT / "cluster"))
 from s3_server import LocalS3Server  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
+# Markers
+# --------------------------------------------------------------------------------------------
+
+SERVICE_FIXTURES = ("s3_endpoint", "ray_cluster")  # real local services: such tests are integration tests
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that uses a service fixture (directly or through another fixture) without
+    ``@pytest.mark.integration``: ``pytest -m "not integration"`` (make test-fast) would start
+    the S3 endpoint or Ray for it."""
+    unmarked = [f"{item.nodeid} (uses {', '.join(f for f in SERVICE_FIXTURES if f in item.fixturenames)})"
+                for item in items
+                if any(f in getattr(item, "fixturenames", ()) for f in SERVICE_FIXTURES)
+                and item.get_closest_marker("integration") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that use a real local service must be marked @pytest.mark.integration: "
+                                + "; ".join(unmarked))
+
+
+# --------------------------------------------------------------------------------------------
 # S3
 # --------------------------------------------------------------------------------------------
 

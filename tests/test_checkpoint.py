@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import struct
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from helpers import tiny_vit as _tiny_vit
 
 from pipelines.checkpoint import (
     CheckpointError,
@@ -32,13 +34,9 @@ from pipelines.errors import UserError
 from vit_model import VisionTransformer, ViTConfig
 
 CPU = torch.device("cpu")
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # tiny_vit's
 STEPS = 4  # batches per epoch
-
-
-def tiny_vit(dropout: float = 0.1) -> VisionTransformer:
-    return VisionTransformer(ViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=NUM_CLASSES, embed_dim=32,
-                                       depth=2, num_heads=2, drop_rate=dropout, proj_drop_rate=dropout))
+tiny_vit = functools.partial(_tiny_vit, dropout=0.1)  # dropout on: a resume must restore the RNG it draws from
 
 
 def toy_batches(n: int = STEPS * 16, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from data_zoo import make_split_tree, png_bytes
+from helpers import run_module
 from PIL import Image
 from s3_server import LocalS3Server, free_port
 
@@ -145,5 +146,23 @@ def test_bad_storage_uri(capsys):
     ))
 
 
-def test_storage_errors_are_user_errors():
-    assert issubclass(StorageError, Exception) and StorageError.exit_code == 2
+# The tests above call cli.main in-process. These run the real entry point, ``python -m pipelines``:
+# a StorageError raised by prepare must end the process with exit code 2 and its message as the
+# only line on stderr (no traceback, no log noise from pyarrow or the AWS SDK), nothing on stdout.
+
+
+def test_storage_error_ends_the_process_with_one_line_and_exit_2():
+    with pytest.raises(StorageError) as err:  # raised by the real code path, not constructed here
+        prepare(load_config(None, ["storage.uri=ftp://host/x"]))
+    proc = run_module("prepare", "--set", "storage.uri=ftp://host/x")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {err.value}\n")
+
+
+@pytest.mark.integration
+def test_missing_bucket_ends_the_process_with_one_line_and_exit_2(s3_endpoint):
+    """The child process inherits the session's endpoint settings: the bucket check really asks S3."""
+    with pytest.raises(StorageError) as err:
+        prepare(load_config(None, ["storage.uri=s3://missing-bucket/art"]))
+    assert f"bucket 'missing-bucket' does not exist at the endpoint {s3_endpoint.url}" in str(err.value)
+    proc = run_module("prepare", "--set", "storage.uri=s3://missing-bucket/art")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {err.value}\n")

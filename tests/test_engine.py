@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import tiny_vit
 
 from pipelines.config import TrainConfig
 from pipelines.engine import (
@@ -29,16 +30,10 @@ from pipelines.engine import (
     unwrap_model,
 )
 from pipelines.errors import UserError
-from vit_model import VisionTransformer, ViTConfig
+from vit_model import VisionTransformer
 
 CPU = torch.device("cpu")
-NUM_CLASSES = 10
-
-
-def tiny_vit(dropout: float = 0.0, reg_tokens: int = 0) -> VisionTransformer:
-    return VisionTransformer(ViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=NUM_CLASSES, embed_dim=32,
-                                       depth=2, num_heads=2, reg_tokens=reg_tokens, drop_rate=dropout,
-                                       proj_drop_rate=dropout))
+NUM_CLASSES = 10  # tiny_vit's
 
 
 def toy_batches(n: int = 256, batch_size: int = 32, seed: int = 1, dicts: bool = False) -> list:
@@ -160,13 +155,82 @@ def test_mixup_mixes_images_with_the_label_weights():
     torch.testing.assert_close(targets[1, 0], torch.tensor(1 - lam))
 
 
+class LogitsTable(nn.Module):
+    """A "model" whose output is its parameter: the gradient train_one_epoch leaves on it is d loss / d logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = nn.Parameter(logits.clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+def _one_step(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, mixup=None):
+    """One train_one_epoch step on one batch: (epoch metrics, the step's loss, d loss / d logits)."""
+    model = LogitsTable(logits)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 1)
+    steps = []
+    out = train_one_epoch(model, [(images, labels)], opt, sched, cfg, device=CPU, epoch=0, mixup=mixup,
+                          on_step=steps.append)
+    assert len(steps) == 1
+    return out, steps[0]["loss"], model.logits.grad  # the step changes the weights, not .grad (no clipping)
+
+
+def test_loss_is_label_smoothed_cross_entropy_computed_by_hand():
+    """Logits (0, 0, ln 2) give p = (1/4, 1/4, 1/2). Label smoothing 0.3 over 3 classes is
+    t * 0.7 + 0.1: hard label 2 -> (0.1, 0.1, 0.8), loss 0.2 ln 4 + 0.8 ln 2 = 1.2 ln 2; a mixed
+    row (1/2, 0, 1/2) -> (0.45, 0.1, 0.45), loss 0.55 ln 4 + 0.45 ln 2 = 1.55 ln 2. The batch loss
+    is the mean, and d loss / d logits = (p - t) / batch size."""
+    ln2 = math.log(2.0)
+    logits = torch.tensor([[0.0, 0.0, ln2], [0.0, 0.0, ln2]])
+    images, labels = torch.zeros(2, 1, 28, 28), torch.tensor([2, 2])
+    cfg = cfg_for(label_smoothing=0.3, clip_grad_norm=None)
+
+    out, loss, grad = _one_step(logits, images, labels, cfg)  # no mixup: integer labels, smoothed
+    assert loss == pytest.approx(1.2 * ln2, rel=1e-6)
+    assert out["train_loss"] == pytest.approx(1.2 * ln2, rel=1e-6)
+    torch.testing.assert_close(grad, torch.tensor([[0.15, 0.15, -0.3], [0.15, 0.15, -0.3]]) / 2)
+
+    seen = []
+
+    def mix(x, y):  # a mixup that hands back known soft targets
+        seen.append(y.clone())
+        return x, torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.5]])
+
+    out, loss, grad = _one_step(logits, images, labels, cfg, mixup=mix)
+    assert len(seen) == 1 and torch.equal(seen[0], labels)
+    assert loss == pytest.approx((1.2 + 1.55) / 2 * ln2, rel=1e-6)
+    assert out["train_loss"] == pytest.approx((1.2 + 1.55) / 2 * ln2, rel=1e-6)
+    torch.testing.assert_close(grad, torch.tensor([[0.15, 0.15, -0.3], [-0.2, 0.15, 0.05]]) / 2)
+
+
 def test_label_smoothing_applies_to_soft_targets():
-    logits = torch.randn(4, NUM_CLASSES)
-    soft = torch.softmax(torch.randn(4, NUM_CLASSES), dim=1)
+    """train_one_epoch with the real MixUp/CutMix: the loss is the cross-entropy against the mixed
+    targets smoothed as t * (1 - eps) + eps / C, as written out here."""
     eps = 0.1
+    cfg = cfg_for(label_smoothing=eps, clip_grad_norm=None, mixup_alpha=0.8, cutmix_alpha=1.0)
+    real_mix = build_mixup(cfg, NUM_CLASSES)
+    seen = []
+
+    def mix(x, y):
+        x, targets = real_mix(x, y)
+        seen.append(targets)
+        return x, targets
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, NUM_CLASSES)
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8)
+    out, loss, grad = _one_step(logits, images, labels, cfg, mixup=mix)
+    (soft,) = seen
+    assert (soft.max(dim=1).values < 1).all()  # really mixed: no row is one-hot
     smoothed = soft * (1 - eps) + eps / NUM_CLASSES
-    expected = -(smoothed * logits.log_softmax(dim=1)).sum(dim=1).mean()
-    torch.testing.assert_close(nn.CrossEntropyLoss(label_smoothing=eps)(logits, soft), expected)
+    log_p = logits.log_softmax(dim=1)
+    expected = -(smoothed * log_p).sum(dim=1).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-6) and out["train_loss"] == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(grad, (logits.softmax(dim=1) - smoothed) / 8)
+    assert expected != pytest.approx(-(soft * log_p).sum(dim=1).mean().item(), rel=1e-3)  # smoothing matters here
 
 
 def test_ema_update_equals_formula_and_skips_integer_buffers():

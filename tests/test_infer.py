@@ -10,6 +10,7 @@ the assertions compare inference with evaluation of the same weights, not with a
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import threading
@@ -387,4 +388,21 @@ def test_unschedulable_actor_pool_is_refused_not_left_waiting(ray_cluster, tmp_p
         check_resources(make_config(store, db, "infer.num_actors=4"))
     with pytest.raises(ConfigError, match=r"infer.use_gpu=true .* needs 1 GPU\(s\); the Ray cluster has 0"):
         check_resources(make_config(store, db, "infer.use_gpu=true"))
-    check_resources(make_config(store, db, "infer.num_actors=4"), strict=False)  # connected cluster: a warning
+
+
+@pytest.mark.integration
+def test_unschedulable_actor_pool_on_a_connected_cluster_is_a_warning(ray_cluster, tmp_path, caplog):
+    """strict=False (a cluster we connected to, which may have an autoscaler): the same check
+    logs a warning on the module's logger instead of refusing."""
+    from pipelines.infer import check_resources
+
+    store, db = f"file://{tmp_path}/store", f"sqlite:///{tmp_path}/mlflow.db"
+    logger = check_resources.__module__  # the module that defines it logs
+    with caplog.at_level(logging.WARNING, logger=logger):
+        check_resources(make_config(store, db, "infer.num_actors=4"), strict=False)  # needs 5 CPUs of 4
+        check_resources(make_config(store, db), strict=False)  # 1 actor fits: nothing to say
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [(
+        logger, logging.WARNING,
+        "infer.num_actors=4 x infer.cpus_per_actor=1 plus 1 CPU for reading needs 5 CPUs; the Ray cluster has 4. "
+        "Lower them or add CPUs (ray.num_cpus) (waiting for the autoscaler, if the cluster has one)",
+    )]

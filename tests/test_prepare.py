@@ -198,6 +198,7 @@ def test_strict_fails_listing_every_bad_file(tmp_path, zoo):
     assert not (tmp_path / "art/datasets/zoo").exists() or not any((tmp_path / "art/datasets/zoo").rglob("*.parquet"))
 
 
+@pytest.mark.integration
 def test_split_folders_local_and_s3_source(tmp_path, s3_endpoint):
     tree = make_split_tree(tmp_path / "tree")
     local = prepare_mod.prepare(config(f"file://{tmp_path}/art", source=str(tmp_path / "tree")))

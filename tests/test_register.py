@@ -4,8 +4,8 @@ The integration class registers three small ViTs against a sqlite MLflow store i
 A (worse) becomes champion because none exists, B (better) takes the champion alias, C (worse
 than B, its folder salted with malicious pickles) only becomes candidate. The models are not
 trained: each one's head bias forces its predicted class, and the synthetic test labels are
-chosen so that the accuracies are A 0.1 < C 0.3 < B 0.6. The class's tests run in definition
-order on that one store; the CLI test, last but one, adds version 4 from a prepared dataset.
+chosen so that the accuracies are A 0.1 < C 0.3 < B 0.6. The class's tests only read that
+model (``vit-test``), so they pass in any order; the CLI test registers under its own name.
 """
 
 from __future__ import annotations
@@ -326,11 +326,14 @@ class TestRegistry:
 
     def test_cli_gates_on_a_prepared_test_split(self, registry, capsys):
         """``python -m pipelines register``: the test split comes from a dataset version on storage;
-        C (always "bag") against the champion B (always "ankle") on 6 ankles, 2 bags, 1 coat."""
+        C (always "bag") against the champion B (always "ankle") on 6 ankles, 2 bags, 1 coat.
+
+        Under its own model name, with B registered first as its champion: registering into
+        ``vit-test`` would change the versions, aliases and log that the other tests check."""
         from pipelines.cli import main
         from pipelines.prepare import prepare
 
-        tmp = registry["tmp"]
+        tmp, model_name = registry["tmp"], "vit-test-cli"
         rng = np.random.default_rng(3)
         for split, counts in (("train", (6, 6, 6)), ("test", (6, 2, 1))):
             for name, count in zip(CLASSES, counts):
@@ -339,16 +342,18 @@ class TestRegistry:
                 for i in range(count):
                     Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
         overrides = [f"storage.uri=file://{tmp / 'store'}", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-                     "mlflow.experiment_name=register-test", "registry.model_name=vit-test",
+                     "mlflow.experiment_name=register-test", f"registry.model_name={model_name}",
                      f"data.source={tmp / 'imgs'}", "data.name=tiny"]
         version = prepare(load_config(None, overrides))
+        first = register(load_config(None, overrides), str(registry["dirs"]["B"]), run_id="run-b")
+        assert (first.version, first.decision, first.champion_after) == ("1", "first", "1")
         sets = [a for o in overrides + [f"data.version={version.version}"] for a in ("--set", o)]
         capsys.readouterr()
         assert main(["register", *sets, "--model-dir", str(registry["dirs"]["C"]), "--run-id", "run-cli"]) == 0
         out = capsys.readouterr().out
-        assert "registered vit-test v4 test_acc 0.2222; @candidate -> v4, @champion v2 -> v2 (kept)" in out
-        assert "vs champion v2 0.666667" in out
-        tags = registry["client"].get_model_version("vit-test", "4").tags
+        assert f"registered {model_name} v2 test_acc 0.2222; @candidate -> v2, @champion v1 -> v1 (kept)" in out
+        assert "vs champion v1 0.666667" in out
+        tags = registry["client"].get_model_version(model_name, "2").tags
         assert tags["dataset_digest"] == version.version and tags["training_run_id"] == "run-cli"
 
         # a model whose classes are not the test split's is refused before anything is registered
@@ -356,7 +361,7 @@ class TestRegistry:
         VisionTransformer(ARCH).save_pretrained(other, meta={"class_names": ["x", "y", "z"], "mean": [0.5], "std": [0.5]})
         assert main(["register", *sets, "--model-dir", str(other)]) == 2
         assert "predicts classes ['x', 'y', 'z'] but the test split has ['ankle', 'bag', 'coat']" in capsys.readouterr().err
-        assert len(registry["client"].search_model_versions("name = 'vit-test'")) == 4
+        assert len(registry["client"].search_model_versions(f"name = '{model_name}'")) == 2
 
     def test_classifier_from_artifacts_matches_pyfunc(self, registry):
         import mlflow

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import TINY_WORKFLOW as TINY
 
 from pipelines import storage as st
 from pipelines import tracking
@@ -12,10 +13,6 @@ from pipelines.config import load_config
 from pipelines.run import StepFailed, load_record, run
 
 pytestmark = pytest.mark.integration
-
-TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=7", "train.batch_size=32",
-        "train.cpus_per_worker=0.5", "train.num_workers=2", "train.epochs=1", "data.shard_rows=100",
-        "workflow.search=train", "workflow.retries=0", "infer.batch_size=64", "registry.model_name=vit-run-test"]
 
 
 def test_cached_rerun_and_resume_after_failed_register(ray_cluster, fmnist_idx, tmp_path):

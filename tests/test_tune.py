@@ -3,6 +3,7 @@ interrupted sweep that resumes without re-running its finished trial."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,17 @@ def sweep_config(tmp_path: Path, fmnist_idx) -> Path:
     return path
 
 
+def terminated_trials(experiment_dir: Path) -> list[str]:
+    """Ids of the trials that Tune's newest experiment state file on storage records as TERMINATED."""
+    states = sorted(experiment_dir.glob("experiment_state-*.json"))
+    try:
+        doc = json.loads(states[-1].read_text()) if states else {}
+    except ValueError:  # caught while Tune copies it to storage: read it again on the next poll
+        return []
+    return [trial["trial_id"] for trial in (json.loads(state) for state, _metadata in doc.get("trial_data", []))
+            if trial["status"] == "TERMINATED"]
+
+
 def child_runs(cfg, parent_id):
     client = tracking.client(cfg)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment_name)
@@ -53,19 +65,21 @@ def test_asha_sweep_nested_runs_early_stop_and_resume(ray_cluster, fmnist_idx, t
     prepare(cfg)
     client_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
-    # interrupt the sweep (its own driver and local cluster) once the first trial has finished;
-    # watch storage, not MLflow: polling the sqlite store would contend with the trials' writes
+    # interrupt the sweep (its own driver and local cluster) once the first trial has finished:
+    # once Tune's experiment state on storage records it TERMINATED (what --resume reads). The
+    # trial function returns only after train() exported the model and closed its MLflow run,
+    # so that run is FINISHED by then. Watch storage, not MLflow: polling the sqlite store would
+    # contend with the trials' writes.
     log = open(tmp_path / "sweep.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "tune", "--config", str(path)], cwd=REPO,
                             env=client_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    train_dir = tmp_path / "store" / "train"
     try:
-        deadline = time.time() + 900
-        while time.time() < deadline and proc.poll() is None:
-            if any((d / "model" / "config.json").is_file() for d in train_dir.glob("sweep-*")):
-                break
-            time.sleep(1)
-        time.sleep(10)  # the trial closes its MLflow run and Tune persists the experiment state
+        deadline = time.monotonic() + 900
+        while not (finished := terminated_trials(tmp_path / "store" / "tune" / "sweep")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no trial recorded as finished (sweep exit code {proc.poll()}): "
+                            f"{(tmp_path / 'sweep.log').read_text()[-3000:]}")
+            time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -75,6 +89,7 @@ def test_asha_sweep_nested_runs_early_stop_and_resume(ray_cluster, fmnist_idx, t
     done = [r for r in child_runs(cfg, parent.info.run_id) if r.info.status == "FINISHED"]
     assert len(done) == 1, (tmp_path / "sweep.log").read_text()[-3000:]
     first = done[0]
+    assert [first.data.tags[tracking.RUN_NAME_TAG]] == [f"sweep-{trial_id}" for trial_id in finished]
     first_history = tracking.client(cfg).get_metric_history(first.info.run_id, "val_acc")
     assert len(first_history) == 3
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision.models.vision_transformer as tv_vit  # a core dependency
+import transformers  # a declared test dependency (pyproject [test]): missing is an error, not a skip
+from timm.models.vision_transformer import VisionTransformer as TimmViT  # likewise
 
 from vit_model import ViTConfig, VisionTransformer, from_pretrained
 from vit_model.convert import hf_to_timm, torchvision_to_timm
-
-timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
 
 TOL = 1e-5
 
@@ -100,8 +100,6 @@ def test_timm_forward_intermediates_parity():
 
 # ---------------------------------------------------------------------- Hugging Face transformers
 
-transformers = pytest.importorskip("transformers")
-
 
 def _hf_config(**kw):
     base = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
@@ -142,8 +140,6 @@ def test_hf_vitmodel_converter_parity_features():
 
 
 # ---------------------------------------------------------------------- torchvision
-
-tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
 
 
 def test_torchvision_small_converter_parity(tmp_path):

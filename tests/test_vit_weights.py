@@ -7,6 +7,7 @@ import os
 import pickle
 
 import pytest
+import timm  # a declared test dependency (pyproject [test]): missing is an error, not a skip
 import torch
 from safetensors.torch import save_file
 
@@ -34,7 +35,6 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 
 def test_timm_state_dict_loads_as_identity(tmp_path):
-    timm = pytest.importorskip("timm")
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7).eval()
     save_file(ref.state_dict(), tmp_path / "timm.safetensors")
     ours = from_pretrained(tmp_path / "timm.safetensors").eval()  # architecture inferred from shapes
