@@ -119,10 +119,10 @@ def _get(url: str) -> dict:
 def test_register_against_the_stack_mlflow_server(tmp_path, monkeypatch):
     import boto3
     import mlflow
+    from test_register import make_model_dir, png, synthetic_test_set
 
     from pipelines.config import load_config
     from pipelines.register import register
-    from test_register import make_model_dir, png, synthetic_test_set
 
     stack = DevStack(tmp_path / "state", bucket="stack-test")
     try:

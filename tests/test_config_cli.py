@@ -128,7 +128,6 @@ def heavy_imports(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     return proc, sorted(m for m in modules if m.split(".")[0] in ("torch", "ray"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 10 item 4: fast CLI")
 def test_cli_help_imports_neither_torch_nor_ray():
     proc, heavy = heavy_imports("--help")
     if proc.returncode != 0:
@@ -136,7 +135,6 @@ def test_cli_help_imports_neither_torch_nor_ray():
     assert heavy == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 10 item 4: fast CLI")
 def test_cli_config_error_imports_neither_torch_nor_ray():
     proc, heavy = heavy_imports("train", "--set", "train.epocs=3")
     if proc.returncode != 2 or not proc.stderr.rstrip("\n").splitlines()[-1].startswith("error: unknown config key 'train.epocs'"):

@@ -26,8 +26,7 @@ from pipelines import cli
 from pipelines import infer as infer_mod
 from pipelines import storage as st
 from pipelines.config import load_config
-from pipelines.errors import ConfigError
-from pipelines.errors import InferError
+from pipelines.errors import ConfigError, InferError
 from pipelines.infer import infer
 from pipelines.inference.model import parse_model_uri
 from pipelines.inference.writer import load_manifest, load_predictions

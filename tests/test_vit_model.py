@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vit_model import ViTConfig, VisionTransformer, config_from_name, create_model, resample_pos_embed, sincos_pos_embed_2d
+from vit_model import (
+    VisionTransformer,
+    ViTConfig,
+    config_from_name,
+    create_model,
+    resample_pos_embed,
+    sincos_pos_embed_2d,
+)
 from vit_model.surgery import adapt_input_conv
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=3, num_heads=4)

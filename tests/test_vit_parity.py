@@ -12,7 +12,7 @@ import torchvision.models.vision_transformer as tv_vit  # a core dependency
 import transformers  # a declared test dependency (pyproject [test]): missing is an error, not a skip
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # likewise
 
-from vit_model import ViTConfig, VisionTransformer, from_pretrained
+from vit_model import VisionTransformer, ViTConfig, from_pretrained
 from vit_model.convert import hf_to_timm, torchvision_to_timm
 
 TOL = 1e-5

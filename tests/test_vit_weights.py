@@ -11,7 +11,14 @@ import timm  # a declared test dependency (pyproject [test]): missing is an erro
 import torch
 from safetensors.torch import save_file
 
-from vit_model import UnsafeCheckpointError, ViTConfig, VisionTransformer, create_model, from_pretrained, load_state_dict
+from vit_model import (
+    UnsafeCheckpointError,
+    VisionTransformer,
+    ViTConfig,
+    create_model,
+    from_pretrained,
+    load_state_dict,
+)
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=2, num_heads=4)
 
@@ -99,7 +106,7 @@ def test_payload_is_live_under_plain_pickle(tmp_path):
     """Guards the test above: the planted payload does execute if anything unpickles it."""
     marker = tmp_path / "PWNED"
     data = pickle.dumps(_Payload(str(marker)))
-    pickle.loads(data)  # noqa: S301 - deliberate, on our own test payload
+    pickle.loads(data)
     assert marker.read_text() == "pwned"
 
 
