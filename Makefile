@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup data test test-fast run bench-model clean
+.PHONY: setup data lint test test-fast run bench-model clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else echo "no apt-get: Fashion-MNIST tests use data fetched by torchvision when online, else skip"; fi
+
+lint: setup
+	$(PY) -m ruff check .
 
 test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
