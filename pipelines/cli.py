@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from . import console
 from .config import WORKFLOW_STEPS, load_config
 from .errors import UserError
 
@@ -64,6 +65,8 @@ TASKS: dict[str, tuple[str, list[Option]]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.splitlines()[0])
+    verbose_help = "show Ray's own output (worker logs, Tune tables, warnings); default: the pipeline's lines only"
+    parser.add_argument("--verbose", "-v", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, (help_text, options) in TASKS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a config value, e.g. --set train.epochs=3 (repeatable)",
         )
+        p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
         for flags, kwargs in options:
             p.add_argument(*flags, **kwargs)
     return parser
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        console.configure(args.verbose, local_ray=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
         module = importlib.import_module(f"pipelines.{args.task}")
         return int(module.run_cli(cfg, args) or 0)
     except UserError as exc:

@@ -15,8 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from . import console, tracking
 from . import storage as st
-from . import tracking
 from .config import PipelineConfig
 from .errors import ConfigError, UserError, redact_uri
 
@@ -31,10 +31,11 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         _probe_ray(address)
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=cfg.ray.include_dashboard,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", configure_logging=False)
+        ray.init(address=address, **console.ray_init_options())
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=cfg.ray.include_dashboard,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **console.ray_init_options())
+    console.after_ray_init()
 
 
 def _probe_ray(address: str, timeout: float = 5.0) -> None:

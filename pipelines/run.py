@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import console, tracking
 from . import storage as st
-from . import tracking
 from .config import WORKFLOW_STEPS, PipelineConfig, config_from_dict, to_dict
 from .data.shards import load_version
 from .errors import ConfigError, UserError, first_line, redact_uri
@@ -237,6 +237,8 @@ def execute_step(step: str, cfg: PipelineConfig, upstream: dict[str, dict], ctx:
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         raise cause from None
+    finally:
+        console.flush()  # the step's epoch/trial lines before its "done" line
 
 
 def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | None = None,

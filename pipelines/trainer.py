@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import console, tracking
 from . import storage as st
-from . import tracking
 from .checkpoint import load_model_weights
 from .config import PipelineConfig, StorageConfig, flatten, to_dict
 from .data.shards import DatasetVersion
@@ -86,7 +86,7 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
                                            checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
-        callbacks=callbacks or None,
+        callbacks=[*(callbacks or []), *console.train_callbacks(cfg.train.epochs)],
     )
     return TorchTrainer(ray_train_loop, train_loop_config={"spec": dataclasses.asdict(spec)},
                         scaling_config=_scaling_config(cfg), run_config=run_config, datasets=datasets,

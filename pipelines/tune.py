@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
+from . import console, tracking
 from . import storage as st
-from . import tracking
 from .config import PipelineConfig, config_from_dict, flatten, load_config, to_dict
 from .data.shards import DatasetVersion, dataset_from_config, load_version
 from .errors import ConfigError, UserError
@@ -184,7 +184,8 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
                 tune_config=rt.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                           search_alg=_searcher(cfg), num_samples=cfg.tune.num_samples,
                                           max_concurrent_trials=max_concurrent(cfg)),
-                run_config=rt.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs),
+                run_config=rt.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                                        **console.tune_run_options(cfg.tune.metric, cfg.train.epochs)),
             )
             _record_tuner_pickle(cfg, name)  # Tune wrote tuner.pkl as the Tuner was built
         grid = tuner.fit()

@@ -93,7 +93,7 @@ def task_listing() -> dict[str, str]:
     """``python -m pipelines --help``'s subcommand lines, ``    <task>   <help text>``, as {task: help text}."""
     proc = run_module("--help")
     assert (proc.returncode, proc.stderr) == (0, "")
-    assert proc.stdout.startswith("usage: python -m pipelines [-h] TASK ...\n")
+    assert proc.stdout.startswith("usage: python -m pipelines [-h] [--verbose] TASK ...\n")
     return {m[1]: m[2] for m in re.finditer(r"^ {4}(\S+) +(\S.*)$", proc.stdout, re.MULTILINE)}
 
 
@@ -110,12 +110,12 @@ def test_cli_task_help_shows_config_set_and_own_options(task, task_listing):
     proc = run_module(task, "--help")
     assert (proc.returncode, proc.stderr) == (0, "")
     out = proc.stdout
-    assert out.startswith(f"usage: python -m pipelines {task} [-h] [--config CONFIG] [--set KEY=VALUE]")
+    assert out.startswith(f"usage: python -m pipelines {task} [-h] [--config CONFIG] [--set KEY=VALUE] [--verbose]")
     assert f"\n\n{task_listing[task]}\n\n" in out  # its description is the help text the task list shows
     options = out.split("\noptions:\n", 1)[1]
     flags = {flag.split()[0] for m in re.finditer(r"^  (-\S.*?)(?: {2,}|$)", options, re.MULTILINE)
              for flag in m[1].split(", ")}
-    assert {"-h", "--help", "--config", "-c", "--set", *TASK_OPTIONS[task]} <= flags, flags
+    assert {"-h", "--help", "--config", "-c", "--set", "--verbose", "-v", *TASK_OPTIONS[task]} <= flags, flags
     assert re.search(r"^  --set KEY=VALUE +override a config value", options, re.MULTILINE)
 
 

@@ -273,12 +273,16 @@ def _start_at_epoch(ds: ray.data.Dataset, epoch: int) -> None:
 
 
 def ingest_options(cfg: PipelineConfig) -> ray.data.ExecutionOptions:
-    """Ray Data execution options for training ingest: order preserved (reproducible epochs)."""
-    from ray.train import DataConfig
+    """Ray Data execution options for training ingest: order preserved (reproducible epochs).
 
-    opts = DataConfig.default_ingest_options()
-    opts.preserve_order = True
-    return opts
+    Built like ``ray.train.DataConfig.default_ingest_options()`` (the DataContext's resource
+    limits and progress setting), without its ``exclude_resources=`` argument, which Ray 2.60
+    deprecates (a RayDeprecationWarning in every process that builds a trainer)."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress)
 
 
 def train_data_config(cfg: PipelineConfig, resume_epoch: Callable[[], int] | None = None) -> ray.train.DataConfig:
