@@ -33,9 +33,25 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         _probe_ray(address)
         ray.init(address=address, **console.ray_init_options())
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=cfg.ray.include_dashboard,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **console.ray_init_options())
+        local: dict[str, Any] = {"num_cpus": cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+                                 "include_dashboard": cfg.ray.include_dashboard, "dashboard_host": "127.0.0.1",
+                                 "_node_ip_address": "127.0.0.1"}
+        if cfg.ray.include_dashboard:
+            # Ray Train V2's placement-group cleaner finds the state API by auto-detecting "the"
+            # local cluster; with another Ray instance on the machine that fails ("multiple active
+            # Ray instances"), its thread dies and finished trials keep their CPUs for good. Point
+            # this job's processes at this cluster's API server instead.
+            port = _free_port()
+            local["dashboard_port"] = port
+            local["runtime_env"] = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+        ray.init(**local, **console.ray_init_options())
     console.after_ray_init()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _probe_ray(address: str, timeout: float = 5.0) -> None:

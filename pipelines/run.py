@@ -274,7 +274,7 @@ def _run(cfg: PipelineConfig, from_step: str | None, steps: list[str], sleep: Ca
             print(f"[{step}] skipped: inputs unchanged since {prev.finished}", flush=True)
             skipped.append(step)
             continue
-        force = True  # everything downstream of a re-run step re-runs
+        # (downstream steps re-run when this one's outputs change: their keys include them)
         rec = StepRecord(key=key, status="running", attempts=0, started=_now())
         record[step] = rec
         for attempt in range(1, cfg.workflow.retries + 2):
