@@ -112,15 +112,26 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
 def fluent_tracking(tracking_uri: str, registry_uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (``log_model``, ``models:/`` downloads) at our URIs, restoring them after."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # set_tracking_uri/set_registry_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI;
+    # restoring them through the same setters would pin MLflow's *default* (a sqlite file in the
+    # working directory) for the rest of the process. Restore the exact previous state instead.
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(registry_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(old_tracking)
-        mlflow.set_registry_uri(old_registry)
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def experiment_id(cfg: PipelineConfig, mlflow_client=None) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -242,8 +241,8 @@ class _Rank0Logger:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            os.environ.setdefault("MLFLOW_TRACKING_URI", spec.tracking_uri)
-            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1)
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1,
+                                                tracking_uri=spec.tracking_uri)
             self.monitor.start()
         except Exception:  # system metrics are best effort (psutil missing, unsupported platform)
             self.monitor = None

@@ -75,7 +75,8 @@ def test_sweep_workflow_with_relative_storage(ray_cluster, fmnist_idx, tmp_path,
     """The README's main job shape: search=tune, `file://./…` storage, the default sqlite store.
 
     The Ray workers and Tune trials run in other working directories; every output must still
-    land under the driver's ./store."""
+    land under the driver's ./store. One of the two trials diverges (an absurd learning rate): it
+    must end alone, marked, and the sweep go on with the other."""
     import yaml
 
     repo = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_sweep_workflow_with_relative_storage(ray_cluster, fmnist_idx, tmp_path,
         "data": {"source_dir": str(fmnist_idx.folder)},
         "train": {"warmup_epochs": 0.2},
         "tune": {"name": "sweep", "num_samples": 1, "grace_period": 1, "max_concurrent_trials": 1,
-                 "space": {"train.lr": {"grid": [0.003, 0.001]}}},
+                 "space": {"train.lr": {"grid": [0.003, 1.0e30]}}},
     }))
     overrides = [kv for kv in TINY if not kv.startswith("workflow.search")] + ["workflow.search=tune"]
     result = run(load_config("main.yaml", overrides))
@@ -95,7 +96,12 @@ def test_sweep_workflow_with_relative_storage(ray_cluster, fmnist_idx, tmp_path,
     store = tmp_path / "store"
     out = result.outputs
     assert out["search"]["sweep"].startswith("sweep-") and (store / "tune" / out["search"]["sweep"]).is_dir()
-    assert out["search"]["tune_parent_run_id"]
+    assert out["search"]["tune_parent_run_id"] and out["search"]["best_config"] == {"train.lr": 0.003}
+    trials = {t["config"]["train.lr"]: t for t in st.read_json(
+        (store / "tune" / out["search"]["sweep"] / "best.json").as_uri())["trials"]}
+    assert trials[0.003]["error"] is None and "non-finite loss" in trials[1.0e30]["error"], trials
+    diverged = tracking.client(load_config("main.yaml", overrides)).get_run(trials[1.0e30]["run_id"])
+    assert diverged.info.status == "FAILED" and "non-finite" in diverged.data.tags["pipeline.stopped"]
     for uri in (out["search"]["model_uri"], out["search"]["checkpoint_uri"], out["infer"]["manifest_uri"]):
         assert uri.startswith(store.as_uri() + "/"), uri
         assert st.exists(uri), uri

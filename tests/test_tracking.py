@@ -1,0 +1,26 @@
+"""MLflow client state: the fluent API is pointed at our stores only inside the block."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+
+from pipelines import tracking
+
+
+def test_fluent_tracking_restores_the_exact_previous_state(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    default = mlflow.get_tracking_uri()
+    ours = f"sqlite:///{tmp_path}/m.db"
+    with tracking.fluent_tracking(ours, ours):
+        assert mlflow.get_tracking_uri() == ours and mlflow.get_registry_uri() == ours
+    # nothing pinned afterwards: no environment variable left behind for later code in this
+    # process (a Ray worker runs many steps) to pick up as "the" tracking URI
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    with tracking.fluent_tracking(ours, ours):
+        assert os.environ["MLFLOW_TRACKING_URI"] == ours
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999" == mlflow.get_tracking_uri()
