@@ -187,12 +187,12 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
                                      mixup=mixup, ema=ema, scaler=scaler, limit_batches=tc.limit_train_batches)
             except NonFiniteLossError as exc:
                 summary["stopped"] = str(exc)
+                if logger:  # first: in a sweep the scheduler may end the trial at the report below
+                    logger.stopped(str(exc))
                 # the worst value of every metric a sweep may rank by, so a Tune trial that diverged
                 # ends alone (ASHA and Tune's metric check see a complete result) and the sweep goes on
                 session.report({"epoch": epoch, "stopped": 1.0, "restarts": restarts, "val_acc": 0.0,
                                 "val_loss": float("inf"), "train_loss": float("inf")}, None)
-                if logger:
-                    logger.stopped(str(exc))
                 break
             tr = reduce_metrics(tr)
             eval_model = ema.module if ema is not None else model

@@ -28,7 +28,7 @@ from . import console, tracking
 from . import storage as st
 from .config import PipelineConfig, config_from_dict, flatten, load_config, to_dict
 from .data.shards import DatasetVersion, dataset_from_config, load_version
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, first_line
 from .ray_setup import checkpoint_uri, ensure_ray, pinned_paths, ray_storage
 from .trainer import TASK as TRAIN_TASK
 from .trainer import export_model, fit, make_spec, run_settings
@@ -266,21 +266,29 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
     epochs = max(1, cfg.train.epochs)
     trials = []
     for r in grid:
-        trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path.rstrip("/"))
-        iters = int((r.metrics or {}).get("training_iteration", 0))
+        metrics = r.metrics or {}
+        trial_id = metrics.get("trial_id") or os.path.basename(r.path.rstrip("/"))
+        iters = int(metrics.get("training_iteration", 0))
+        diverged = bool(metrics.get("stopped"))  # its last report was the non-finite-loss stop
+        error = first_line(r.error) if r.error else None
+        if diverged and error is None:  # the scheduler ended it at that report, before it could raise
+            error = "diverged: non-finite loss or gradient (its MLflow run's tag pipeline.stopped says where)"
         trials.append({
             "trial_id": trial_id, "config": r.config, "iterations": iters,
-            "metric": (r.metrics or {}).get(cfg.tune.metric), "error": str(r.error).splitlines()[0] if r.error else None,
-            "early_stopped": r.error is None and iters < epochs, "run_name": f"{name}-{trial_id}",
+            "metric": None if diverged else metrics.get(cfg.tune.metric), "error": error, "diverged": diverged,
+            "early_stopped": error is None and iters < epochs, "run_name": f"{name}-{trial_id}",
         })
-    # close child runs that did not finish on their own (ASHA-stopped or killed trials)
+    # close child runs that did not finish on their own (diverged, ASHA-stopped or killed trials)
     for t in trials:
         run = tracking.find_run(cfg, t["run_name"], TRAIN_TASK, parent_id, client)
         if run is None:
             continue
         t["run_id"] = run.info.run_id
+        if t["diverged"]:
+            if run.info.status != "FAILED":
+                client.set_terminated(run.info.run_id, status="FAILED")
         # a trial that ASHA stopped was interrupted inside fit() (FAILED) or killed (RUNNING)
-        if run.info.status == "RUNNING" or (t["early_stopped"] and run.info.status == "FAILED"):
+        elif run.info.status == "RUNNING" or (t["early_stopped"] and run.info.status == "FAILED"):
             client.set_tag(run.info.run_id, "pipeline.early_stopped", str(t["early_stopped"]).lower())
             client.set_terminated(run.info.run_id, status="KILLED")
     finished = [t for t in trials if t["metric"] is not None and not t["early_stopped"] and not t["error"]]
