@@ -70,10 +70,12 @@ def _namespaces_unavailable() -> str | None:
     return None
 
 
-def _die_with_parent() -> None:  # in the unshare child: end it (and so the namespaces) with the test
+def _die_with_parent() -> None:
+    """In the ``unshare`` child: SIGKILL it when the test process dies (``unshare`` ignores SIGTERM
+    while it waits); ``--kill-child`` then kills the driver, and with it the PID namespace."""
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @pytest.mark.integration
@@ -83,6 +85,9 @@ def test_second_node_killed_mid_epoch_then_restarted(fmnist_idx, tmp_path):
         pytest.skip(reason)
     work = tmp_path / "work"
     work.mkdir()
+    for stale in Path("/tmp").glob("rmn-*"):  # left by a test process killed before its clean-up
+        if stale.name[4:].isdigit() and not Path(f"/proc/{stale.name[4:]}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     temp_root = Path(f"/tmp/rmn-{os.getpid()}")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
