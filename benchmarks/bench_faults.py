@@ -181,7 +181,7 @@ class Bench:
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
                                     cwd=ROOT, start_new_session=True)
-        anchor = None
+        anchor = last_live = None
         seen: set[str] = set()  # every new actor of the class: a restarted Train worker group has new ones
         fault: dict[str, Any] = {"landed": False, "delay_s": round(delay, 2), "window_s": round(window, 1)}
         deadline = t0 + self.args.timeout
@@ -191,6 +191,8 @@ class Bench:
                 seen.update(live)
                 if anchor is None and len(live) >= min_actors:
                     anchor = time.monotonic()
+                if live:
+                    last_live = time.monotonic()
                 if anchor is not None and not fault["landed"] and time.monotonic() >= anchor + delay:
                     if live:
                         aid = self.rng.choice(sorted(live))
@@ -207,8 +209,8 @@ class Bench:
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         end = time.monotonic()
-        if anchor is not None:  # the next window: how long this kind of job ran once its actors were up
-            self.windows[kind] = max(3.0, 0.85 * (end - anchor))
+        if anchor is not None and last_live is not None:  # the next window: how long the actors lived
+            self.windows[kind] = max(3.0, 0.7 * (last_live - anchor))
         res = json.loads(result_path.read_text()) if result_path.is_file() else {"ok": False, "error": "no result"}
         if timed_out:
             res = {"ok": False, "error": f"timed out after {self.args.timeout:.0f} s"}
@@ -518,7 +520,7 @@ def main() -> int:
     p.add_argument("--max-reruns", type=int, default=3, help="run_driver: reruns after the killed attempt")
     p.add_argument("--window-train", type=float, default=30.0, help="first guess (s) of a training run's length")
     p.add_argument("--window-infer", type=float, default=12.0, help="first guess (s) of an inference job's length")
-    p.add_argument("--window-run", type=float, default=120.0, help="first guess (s) of a whole `run`")
+    p.add_argument("--window-run", type=float, default=100.0, help="first guess (s) of a whole `run`")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, sqlite store)")
     p.add_argument("--child", choices=["train", "infer"], help=argparse.SUPPRESS)
@@ -543,11 +545,9 @@ def main() -> int:
         os.environ.pop(key, None)
     stack = DevStack(work / "stack", bucket=BUCKET)
 
-    def stop(*_sig) -> None:
-        stack.stop()
+    def stop(*_sig) -> None:  # SIGTERM: leave through the clean-up below
         raise SystemExit(130)
 
-    signal.signal(signal.SIGTERM, stop)
     trials: list[dict[str, Any]] = []
     try:
         stack.start(["s3", "ray"], num_cpus=4)
@@ -556,7 +556,9 @@ def main() -> int:
         info = device_info()
         import ray
 
+        signal.signal(signal.SIGTERM, stop)
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, configure_logging=False)
+        signal.signal(signal.SIGTERM, stop)  # ray.init installed its own (abort) handler
         bench = Bench(args, work, env)
         bench.setup()
         setup_s = time.monotonic() - t_start
