@@ -2,8 +2,9 @@
 
 Each trial injects one fault, chosen from ``--kinds`` (a balanced list shuffled by ``--seed``):
 
-``train_worker``  a training run (``pipelines.train.train``, 2 Ray Train workers); a random live
-                  ``RayTrainWorker`` is SIGKILLed at a random time after the worker group is up.
+``train_worker``  a training run (``pipelines.train.train``, 2 Ray Train workers, 3 epochs); a
+                  random live ``RayTrainWorker`` is SIGKILLed in a random epoch at a random
+                  fraction of its expected length.
                   Measured: completion, worker groups started, restarts reported by the run,
                   epochs lost (missing from the final history),
                   epochs duplicated (in the history, and ``val_acc`` steps logged twice to the one
@@ -19,9 +20,10 @@ Each trial injects one fault, chosen from ``--kinds`` (a balanced list shuffled 
                   epochs lost/duplicated in the training run, registered versions of the model
                   (1 expected), MLflow runs of the workflow left RUNNING.
 
-The kill time is uniform over a window that tracks how long that kind of job has taken
-(``--window-*`` give the first guesses); a kill that finds the job already finished is recorded
-as ``fault landed: no`` (the trial still counts). Train and infer jobs run in child processes
+Kill times: uniform over a window that tracks how long that kind of job has taken (inference,
+``run``; ``--window-*`` give the first guesses), or a random epoch and fraction (training;
+``--epoch-*``). A kill that finds the job already finished is recorded under ``missed`` and the
+trial is drawn again (``--max-misses``), so N trials are N landed faults. Train and infer jobs run in child processes
 (``--child``) so a hung job can be killed at ``--timeout``.
 
 Set-up: the dev stack's S3 endpoint (moto) and a single-node Ray head (``cluster/dev_stack.py``:
@@ -122,8 +124,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path, env: dict[str, str]):
         self.args, self.work, self.env = args, work, env
         self.rng = random.Random(args.seed)
-        self.windows = {"train_worker": args.window_train, "infer_actor": args.window_infer,
-                        "run_driver": args.window_run}
+        self.windows = {"infer_actor": args.window_infer, "run_driver": args.window_run}
+        self.epoch_s = {"first": args.epoch_first, "next": args.epoch_next}  # training: expected epoch lengths
         self.storage = f"s3://{BUCKET}/store"
         self.tracking = f"sqlite:///{work / 'mlflow.db'}"
         self.base = [f"storage.uri={self.storage}", f"mlflow.tracking_uri={self.tracking}",
@@ -167,39 +169,63 @@ class Bench:
 
         return int(ray._private.state.actors(actor_id=actor_id).get("NumRestarts", 0))
 
-    def _child_job(self, kind: str, spec: dict, actor_class: str, min_actors: int, trial: int) -> dict[str, Any]:
-        """Run a child job; once ``min_actors`` new ``actor_class`` actors are up, SIGKILL one at
-        random after a uniform random delay within the kind's window."""
+    def _child_job(self, kind: str, spec: dict, actor_class: str, min_actors: int, trial: int,
+                   run_uri: str | None = None) -> dict[str, Any]:
+        """Run a child job and SIGKILL one of its ``actor_class`` actors, chosen at random, at a
+        random time: for inference uniformly within the kind's window once ``min_actors`` are up;
+        for training (``run_uri`` given) in a random epoch at a random fraction of its expected
+        length (the epoch starts when the group is up, or when the previous epoch's checkpoint
+        appears on storage), so early, middle and late kills are all drawn."""
+        from pipelines import storage as st
+
         result_path = self.work / f"trial-{trial}.json"
         log = self.work / f"trial-{trial}.log"
         before = set(self._actors(actor_class))
-        window = self.windows[kind]
-        delay = self.rng.uniform(0.0, window)
+        window = self.windows.get(kind, 0.0)
+        fault: dict[str, Any] = {"landed": False}
+        if run_uri:
+            target, frac = self.rng.randrange(TRAIN_EPOCHS), self.rng.random()
+            fault.update(target_epoch=target, fraction=round(frac, 3))
+        else:
+            delay = self.rng.uniform(0.0, window)
+            fault.update(delay_s=round(delay, 2), window_s=round(window, 1))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "train" if kind == "train_worker" else "infer",
                "--spec", json.dumps(spec), "--result", str(result_path)]
         t0 = time.monotonic()
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
                                     cwd=ROOT, start_new_session=True)
-        anchor = last_live = None
+        anchor = last_live = kill_at = None
+        boundaries: list[float] = []  # training: when the group came up, then when each checkpoint appeared
         seen: set[str] = set()  # every new actor of the class: a restarted Train worker group has new ones
-        fault: dict[str, Any] = {"landed": False, "delay_s": round(delay, 2), "window_s": round(window, 1)}
         deadline = t0 + self.args.timeout
         try:
             while proc.poll() is None and time.monotonic() < deadline:
+                now = time.monotonic()
                 live = {a: p for a, p in self._actors(actor_class).items() if a not in before}
                 seen.update(live)
-                if anchor is None and len(live) >= min_actors:
-                    anchor = time.monotonic()
                 if live:
-                    last_live = time.monotonic()
-                if anchor is not None and not fault["landed"] and time.monotonic() >= anchor + delay:
-                    if live:
+                    last_live = now
+                if anchor is None and len(live) >= min_actors:
+                    anchor = now
+                    boundaries.append(now)
+                if anchor is not None and not fault["landed"]:
+                    if run_uri:
+                        with contextlib.suppress(Exception):
+                            n = sum(d.startswith("checkpoint_") for d in st.list_dirs(run_uri))
+                            boundaries.extend([now] * max(0, n + 1 - len(boundaries)))
+                        if kill_at is None and len(boundaries) > target:
+                            est = self.epoch_s["first" if target == 0 else "next"]
+                            kill_at = boundaries[target] + frac * est
+                            fault["epoch_estimate_s"] = round(est, 1)
+                    else:
+                        kill_at = anchor + delay
+                    if kill_at is not None and now >= kill_at and live:
                         aid = self.rng.choice(sorted(live))
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(live[aid], signal.SIGKILL)
-                            fault.update(landed=True, actor_id=aid, at_s=round(time.monotonic() - t0, 2))
-                            if kind == "train_worker":
+                            fault.update(landed=True, actor_id=aid, at_s=round(now - t0, 2))
+                            if run_uri:
                                 fault["checkpoint_epoch_at_kill"] = self._latest_epoch(spec)
                 time.sleep(0.1)
             timed_out = proc.poll() is None
@@ -209,7 +235,11 @@ class Bench:
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         end = time.monotonic()
-        if anchor is not None and last_live is not None:  # the next window: how long the actors lived
+        if run_uri and len(boundaries) >= 2:  # epoch lengths seen before the kill (or in a run it missed)
+            self.epoch_s["first"] = boundaries[1] - boundaries[0]
+            if len(boundaries) >= 3:
+                self.epoch_s["next"] = (boundaries[-1] - boundaries[1]) / (len(boundaries) - 2)
+        elif anchor is not None and last_live is not None:  # the next window: how long the actors lived
             self.windows[kind] = max(3.0, 0.7 * (last_live - anchor))
         res = json.loads(result_path.read_text()) if result_path.is_file() else {"ok": False, "error": "no result"}
         if timed_out:
@@ -253,7 +283,8 @@ class Bench:
         overrides = [*self.base, *TRAIN, f"train.epochs={TRAIN_EPOCHS}", f"train.run_name={run_name}",
                      "mlflow.experiment_name=bench-faults"]
         spec = {"overrides": overrides, "dataset_uri": self.version.uri}
-        out = self._child_job("train_worker", spec, "RayTrainWorker", 2, i)
+        out = self._child_job("train_worker", spec, "RayTrainWorker", 2, i,
+                              run_uri=f"{self.storage}/train/{run_name}")
         job = out["job"]
         rec = {"kind": "train_worker", **out, "completed": bool(job.get("ok"))}
         epochs = [h["epoch"] for h in job.get("history") or []]
@@ -490,7 +521,8 @@ def line(i: int, n: int, t: dict[str, Any]) -> str:
     where = ""
     if f["landed"]:
         where = f" at {f.get('at_s')}s" + (f" in {f['step']}" if f.get("step") else "") + (
-            f" (ckpt epoch {f['checkpoint_epoch_at_kill']})" if "checkpoint_epoch_at_kill" in f else "")
+            f" in epoch {f['target_epoch']} at {f['fraction']:.0%} (newest checkpoint on storage: epoch "
+            f"{f['checkpoint_epoch_at_kill']})" if "target_epoch" in f else "")
     head = f"[{i + 1}/{n}] {t['kind']:<12} fault landed: {'yes' + where if f['landed'] else 'no'}; " \
            f"completed: {'yes' if t['completed'] else 'NO'}; consistent: {'yes' if t.get('consistent') else 'NO'}; "
     if t["kind"] == "train_worker":
@@ -511,14 +543,18 @@ def line(i: int, n: int, t: dict[str, Any]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=10, help="number of trials (one fault each)")
+    p.add_argument("--n", type=int, default=10, help="number of trials (one landed fault each)")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-images", type=int, default=1200, help="Fashion-MNIST train images (val carved from them)")
     p.add_argument("--test-images", type=int, default=200)
     p.add_argument("--timeout", type=float, default=600, help="seconds per job attempt before it counts as hung")
     p.add_argument("--max-reruns", type=int, default=3, help="run_driver: reruns after the killed attempt")
-    p.add_argument("--window-train", type=float, default=30.0, help="first guess (s) of a training run's length")
+    p.add_argument("--max-misses", type=int, default=2,
+                   help="a trial whose kill found the job already finished is tried again, this many times")
+    p.add_argument("--epoch-first", type=float, default=15.0,
+                   help="first guess (s) of a training run's first epoch (group up to first checkpoint)")
+    p.add_argument("--epoch-next", type=float, default=3.0, help="first guess (s) of its later epochs")
     p.add_argument("--window-infer", type=float, default=12.0, help="first guess (s) of an inference job's length")
     p.add_argument("--window-run", type=float, default=100.0, help="first guess (s) of a whole `run`")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
@@ -526,71 +562,107 @@ def main() -> int:
     p.add_argument("--child", choices=["train", "infer"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - set(KINDS) or args.n < 1:
         p.error(f"--kinds must name some of {', '.join(KINDS)}; --n >= 1")
+    if args.worker:
+        return worker(args, kinds)
+    return supervise(args)
 
-    from dev_stack import DevStack
 
-    t_start = time.monotonic()
+def supervise(args: argparse.Namespace) -> int:
+    """Own the services: start the stack, run the benchmark proper (``--worker``) in a child with
+    the stack's environment, and stop everything by pid however that child ends. This process
+    never imports Ray, so its SIGTERM/SIGINT handling is its own (a Ray driver's is not)."""
+    from dev_stack import DevStack, _pids_using, terminate
+
     work = Path(tempfile.mkdtemp(prefix="bench-faults-"))
-    # Ray workers import this checkout's code (not whatever `pipelines` the venv has installed)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ.update({"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                       "RAY_TRAIN_V2_ENABLED": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
-        os.environ.pop(key, None)
     stack = DevStack(work / "stack", bucket=BUCKET)
 
-    def stop(*_sig) -> None:  # SIGTERM: leave through the clean-up below
-        raise SystemExit(130)
+    def stop(signum, _frame) -> None:
+        raise SystemExit(128 + signum)
 
-    trials: list[dict[str, Any]] = []
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    proc = None
     try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")}
+        # Ray workers import this checkout's code (not whatever `pipelines` the venv has installed)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env.update({"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_TRAIN_V2_ENABLED": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
+        os.environ.clear()
+        os.environ.update(env)  # the stack's services inherit it
+        t0 = time.monotonic()
         stack.start(["s3", "ray"], num_cpus=4)
-        os.environ.update(stack.env())  # before Ray is imported: it reads RAY_AUTH_MODE then
-        env = dict(os.environ)
-        info = device_info()
-        import ray
-
-        signal.signal(signal.SIGTERM, stop)
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, configure_logging=False)
-        signal.signal(signal.SIGTERM, stop)  # ray.init installed its own (abort) handler
-        bench = Bench(args, work, env)
-        bench.setup()
-        setup_s = time.monotonic() - t_start
-        say(f"set-up {setup_s:.0f} s: Ray head {os.environ['RAY_ADDRESS']}, S3 {os.environ['AWS_ENDPOINT_URL_S3']}, "
-            f"{bench.version.count('train')} train / {bench.version.count('test')} test images; work {work}")
-        plan = [kinds[i % len(kinds)] for i in range(args.n)]
-        random.Random(args.seed).shuffle(plan)
-        for i, kind in enumerate(plan):
-            try:
-                rec = getattr(bench, f"trial_{kind}")(i)
-            except Exception as exc:  # a broken trial is a failed trial, not a broken benchmark
-                rec = {"kind": kind, "fault": {"landed": False}, "completed": False, "consistent": False,
-                       "seconds": 0.0, "error": f"{type(exc).__name__}: {exc}"}
-            rec["trial"] = i
-            trials.append(rec)
-            say(line(i, args.n, rec) if "error" not in rec else f"[{i + 1}/{args.n}] {kind}: {rec['error']}")
-            _write(args.out, info, args, trials, setup_s, t_start)
-        summary = _write(args.out, info, args, trials, setup_s, t_start)
+        env.update(stack.env())
+        env["BENCH_FAULTS_STACK_S"] = f"{time.monotonic() - t0:.1f}"
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", "--work", str(work),
+                                 *sys.argv[1:]], env=env, cwd=ROOT)
+        return proc.wait()
     finally:
-        with contextlib.suppress(Exception):
-            import ray
-
-            ray.shutdown()
+        if proc is not None and proc.poll() is None:
+            terminate([proc.pid], grace=10)
+        # jobs the worker started (train/infer children, `run` drivers) name the work folder
+        terminate(_pids_using(str(work)), grace=5)
         ray_temp = stack.state.get("services", {}).get("ray", {}).get("temp_dir")
         stack.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
             if ray_temp:  # the stack keeps Ray's logs after stop; a benchmark need not
                 shutil.rmtree(ray_temp, ignore_errors=True)
+        else:
+            say(f"kept {work}")
+
+
+def worker(args: argparse.Namespace, kinds: list[str]) -> int:
+    """The benchmark proper, connected to the supervisor's stack (RAY_ADDRESS etc. set)."""
+    import ray
+
+    t_start = time.monotonic() - float(os.environ.get("BENCH_FAULTS_STACK_S", 0))
+    work = Path(args.work)
+    info = device_info()
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, configure_logging=False)
+    bench = Bench(args, work, dict(os.environ))
+    bench.setup()
+    setup_s = time.monotonic() - t_start
+    say(f"set-up {setup_s:.0f} s: Ray head {os.environ['RAY_ADDRESS']}, S3 {os.environ['AWS_ENDPOINT_URL_S3']}, "
+        f"{bench.version.count('train')} train / {bench.version.count('test')} test images; work {work}")
+    plan = [kinds[i % len(kinds)] for i in range(args.n)]
+    random.Random(args.seed).shuffle(plan)
+    trials: list[dict[str, Any]] = []
+    missed: list[dict[str, Any]] = []
+    seq = 0  # names of jobs, MLflow runs and models: one per try
+    for i, kind in enumerate(plan):
+        for _ in range(args.max_misses + 1):
+            try:
+                rec = getattr(bench, f"trial_{kind}")(seq)
+            except Exception as exc:  # a broken trial is a failed trial, not a broken benchmark
+                rec = {"kind": kind, "fault": {"landed": False}, "completed": False, "consistent": False,
+                       "seconds": 0.0, "error": f"{type(exc).__name__}: {exc}"}
+            rec.update(trial=i, name_index=seq)
+            seq += 1
+            if rec["fault"]["landed"] or "error" in rec:
+                break
+            missed.append(rec)
+            say(f"[{i + 1}/{args.n}] {kind}: the kill came after the job had finished ({rec['seconds']:.0f} s, "
+                f"completed: {'yes' if rec['completed'] else 'NO'}, consistent: "
+                f"{'yes' if rec.get('consistent') else 'NO'}); trying again with a shorter window")
+        trials.append(rec)
+        say(line(i, args.n, rec) if "error" not in rec else f"[{i + 1}/{args.n}] {kind}: {rec['error']}")
+        _write(args.out, info, args, trials, missed, setup_s, t_start)
+    summary = _write(args.out, info, args, trials, missed, setup_s, t_start)
+    with contextlib.suppress(Exception):
+        ray.shutdown()
     by_kind = ", ".join(f"{k} {v['completed']}/{v['trials']}" for k, v in summary["per_kind"].items())
     say(f"summary: completions {summary['completed']}/{summary['trials']} ({by_kind}); "
-        f"consistent {summary['consistent']}/{summary['trials']}; faults landed {summary['faults_landed']}; "
+        f"consistent {summary['consistent']}/{summary['trials']}; faults landed {summary['faults_landed']} "
+        f"(+{len(missed)} kill(s) that came after the job had finished); "
         f"epochs lost {summary['epochs_lost']}, duplicated {summary['epochs_duplicated']} "
         f"(MLflow val_acc steps logged twice: {summary['mlflow_epoch_steps_duplicated']}); "
         f"prediction rows duplicated {summary['rows_duplicated']}, missing {summary['rows_missing']}; "
@@ -601,15 +673,28 @@ def main() -> int:
     return 0
 
 
-def _write(out: str, info: dict, args: argparse.Namespace, trials: list[dict], setup_s: float, t_start: float) -> dict:
+def _write(out: str, info: dict, args: argparse.Namespace, trials: list[dict], missed: list[dict], setup_s: float,
+           t_start: float) -> dict:
     summary = summarize(trials)
-    doc = {"benchmark": "fault injection: kills at random times", "command": " ".join(["python benchmarks/bench_faults.py", *sys.argv[1:]]),
+    summary["missed_kills"] = len(missed)
+    internal = ("child", "spec", "result", "worker", "work")
+    command = ["python benchmarks/bench_faults.py"]
+    argv = sys.argv[1:]
+    while argv:
+        a = argv.pop(0)
+        if a == "--worker":
+            continue
+        if a == "--work":
+            argv.pop(0)
+            continue
+        command.append(a)
+    doc = {"benchmark": "fault injection: kills at random times", "command": " ".join(command),
            "device": {**info, "load_avg_end": os.getloadavg()},
-           "settings": {k: v for k, v in vars(args).items() if k not in ("child", "spec", "result")},
+           "settings": {k: v for k, v in vars(args).items() if k not in internal},
            "sizes": {"train": TRAIN, "train_epochs": TRAIN_EPOCHS, "run_epochs": RUN_EPOCHS, "infer": INFER,
                      "infer_arch": INFER_ARCH},
            "setup_seconds": round(setup_s, 1), "seconds": round(time.monotonic() - t_start, 1),
-           "summary": summary, "trials": trials}
+           "summary": summary, "trials": trials, "missed": missed}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return summary
