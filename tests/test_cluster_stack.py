@@ -121,6 +121,7 @@ def test_register_against_the_stack_mlflow_server(tmp_path, monkeypatch):
     import mlflow
     from test_register import make_model_dir, png, synthetic_test_set
 
+    from pipelines import tracking
     from pipelines.config import load_config
     from pipelines.register import register
 
@@ -164,14 +165,8 @@ def test_register_against_the_stack_mlflow_server(tmp_path, monkeypatch):
             monkeypatch.delenv(key, raising=False)
         import pandas as pd
 
-        saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-        mlflow.set_tracking_uri(url)
-        mlflow.set_registry_uri(url)
-        try:
+        with tracking.fluent_tracking(url, url):
             model = mlflow.pyfunc.load_model("models:/vit-http@champion")
-        finally:
-            mlflow.set_tracking_uri(saved[0])
-            mlflow.set_registry_uri(saved[1])
         out = model.predict(pd.DataFrame({"image": [png(data[0][0])]}))
         assert out["label_name"].tolist() == ["ankle"]
     finally:

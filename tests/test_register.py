@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines import tracking
 from pipelines.config import load_config
 from pipelines.errors import RegisterError, UserError
 from pipelines.packaging import find_pickles, stage_model_dir
@@ -198,7 +199,6 @@ def test_meta_class_count_mismatch_is_a_user_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    import mlflow
     from mlflow import MlflowClient
 
     tmp = tmp_path_factory.mktemp("registry")
@@ -215,13 +215,9 @@ def registry(tmp_path_factory):
                                                                           (data[0][16:], data[1][16:])])),
     }
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    old = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield {"cfg": cfg, "tmp": tmp, "dirs": dirs, "data": data, "results": results, "marker": marker,
-           "client": MlflowClient(uri, uri)}
-    mlflow.set_tracking_uri(old[0])
-    mlflow.set_registry_uri(old[1])
+    with tracking.fluent_tracking(uri, uri):
+        yield {"cfg": cfg, "tmp": tmp, "dirs": dirs, "data": data, "results": results, "marker": marker,
+               "client": MlflowClient(uri, uri)}
 
 
 @pytest.mark.integration

@@ -21,6 +21,8 @@ def test_fluent_tracking_restores_the_exact_previous_state(tmp_path, monkeypatch
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
     assert mlflow.get_tracking_uri() == default
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     with tracking.fluent_tracking(ours, ours):
         assert os.environ["MLFLOW_TRACKING_URI"] == ours
-    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999" == mlflow.get_tracking_uri()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
