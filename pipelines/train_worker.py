@@ -56,6 +56,10 @@ class WorkerSpec:
     pretrained: str | None = None
     threads: int = 1
     dataset_version: str = ""  # recorded in every checkpoint: a resume must train on the same data
+    # rank 0 logs each epoch's metrics to MLflow itself (LocalSession, torchrun); under Ray Train the
+    # driver side logs them once the report (and its checkpoint) is registered, so a re-run epoch
+    # after a lost node is never logged twice
+    log_epochs: bool = True
     extend: bool = False  # --continue: restored optimizer/schedule take this config's hyperparameters
 
     @property
@@ -216,7 +220,7 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
                         metrics={"history": history, "confusion": val["confusion"], "restarts": restarts,
                                  "dataset_version": spec.dataset_version},
                         config_dict=spec.config))
-                    if logger:
+                    if logger and spec.log_epochs:
                         logger.epoch(row)
                 session.report(row, ckpt)
             summary["epochs_run"] += 1

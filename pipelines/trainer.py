@@ -71,6 +71,36 @@ def _scaling_config(cfg: PipelineConfig):
     return ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
+def epoch_metrics_callbacks(spec: WorkerSpec) -> list:
+    """A Ray Train callback (it runs in the Train controller, on the driver's side of a node loss)
+    that logs each epoch's metrics to the run's MLflow run when the controller takes the report,
+    together with its checkpoint. An epoch that a restarted worker group repeats was never taken,
+    so MLflow holds every epoch exactly once."""
+    if not (spec.mlflow_run_id and spec.tracking_uri):
+        return []
+    from ray.train import UserCallback  # here, not at the top: importing Ray costs seconds
+
+    class EpochMetricsToMlflow(UserCallback):
+        def __init__(self, tracking_uri: str, run_id: str):
+            self.tracking_uri, self.run_id, self._client = tracking_uri, run_id, None
+
+        def __getstate__(self):
+            return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+
+        def after_report(self, run_context, metrics, checkpoint):
+            row = metrics[0] if metrics else {}
+            if "val_acc" not in row or row.get("stopped"):
+                return
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            tracking.log_metrics(self._client, self.run_id, {k: v for k, v in row.items() if k != "epoch"},
+                                 step=int(row["epoch"]))
+
+    return [EpochMetricsToMlflow(spec.tracking_uri, spec.mlflow_run_id)]
+
+
 def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str, start_epoch: int = 0,
                   callbacks: list | None = None):
     """The TorchTrainer for one training run (used by :func:`train` and the Tune trials)."""
@@ -86,7 +116,7 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
                                            checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
-        callbacks=[*(callbacks or []), *console.train_callbacks(cfg.train.epochs)],
+        callbacks=[*(callbacks or []), *epoch_metrics_callbacks(spec), *console.train_callbacks(cfg.train.epochs)],
     )
     return TorchTrainer(ray_train_loop, train_loop_config={"spec": dataclasses.asdict(spec)},
                         scaling_config=_scaling_config(cfg), run_config=run_config, datasets=datasets,
@@ -185,7 +215,7 @@ def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: b
         train_count=version.count("train"), val_count=version.count("val"), mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking.resolve_tracking_uri(cfg) if mlflow_run_id else None,
         pretrained=cfg.model.pretrained, threads=max(1, int(round(cfg.train.cpus_per_worker))),
-        dataset_version=version.version, extend=extend,
+        dataset_version=version.version, extend=extend, log_epochs=False,
     )
 
 
