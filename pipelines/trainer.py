@@ -149,20 +149,41 @@ class ResumePoint:
     changed: dict[str, tuple[Any, Any]]  # setting -> (the run's value, this config's value)
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the checkpoints it registered
+
+
 def latest_checkpoint_state(storage_uri: str, run_name: str, storage: StorageConfig) -> dict[str, Any] | None:
-    """``state.json`` of the newest checkpoint of a training run on storage, or None."""
+    """``state.json`` of the newest checkpoint of a training run that Ray Train *registered*, or None.
+
+    Ray Train V2 registers a round of reports only when every rank's report arrived, so a worker
+    lost in between leaves a checkpoint folder on storage that the restarted group does not resume
+    from; its snapshot names the latest registered one. Without a snapshot (a run of another
+    layout) the newest folder on storage is taken."""
     base = st.join_uri(storage_uri, "train", run_name)
-    latest: dict[str, Any] | None = None
+    try:
+        snapshot = st.read_json(st.join_uri(base, SNAPSHOT), storage)
+    except st.ObjectNotFound:
+        snapshot = None
+    if isinstance(snapshot, dict):
+        latest = snapshot.get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+        if not name:
+            return None
+        try:
+            return st.read_json(st.join_uri(base, name, "state", "state.json"), storage)
+        except st.ObjectNotFound:
+            return None
+    newest: dict[str, Any] | None = None
     try:
         for d in st.list_dirs(base, storage):
             state_uri = st.join_uri(base, d, "state", "state.json")
             if d.startswith("checkpoint_") and st.exists(state_uri, storage):
                 state = st.read_json(state_uri, storage)
-                if latest is None or int(state["epoch"]) > int(latest["epoch"]):
-                    latest = state
+                if newest is None or int(state["epoch"]) > int(newest["epoch"]):
+                    newest = state
     except st.ObjectNotFound:
         pass
-    return latest
+    return newest
 
 
 def latest_epoch_plus_one(storage_uri: str, run_name: str, storage: StorageConfig) -> int:

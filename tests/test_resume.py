@@ -121,3 +121,17 @@ def test_check_resume_refuses_changes_unless_continued():
     for extend in (False, True):
         with pytest.raises(UserError, match=r"model.depth cannot change within a run: pick a new train.run_name"):
             check_resume("r", arch, extend=extend)
+
+
+def test_only_checkpoints_ray_registered_count(tmp_path):
+    """A checkpoint folder written by a worker group that died before Ray Train registered the
+    round is on storage but not resumed from: the snapshot decides."""
+    cfg = load_config(None, [f"storage.uri={tmp_path.as_uri()}", "train.epochs=3"])
+    version = types.SimpleNamespace(version="v1")
+    _checkpoint(tmp_path, cfg, "r", 0, "v1")
+    _checkpoint(tmp_path, cfg, "r", 1, "v1")  # written, never registered
+    snapshot = st.join_uri(tmp_path.as_uri(), "train", "r", "checkpoint_manager_snapshot.json")
+    st.write_json(snapshot, {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000000"}})
+    assert resume_point(cfg, "r", version).epoch == 1
+    st.write_json(snapshot, {"latest_checkpoint_result": None})  # nothing registered yet
+    assert resume_point(cfg, "r", version).epoch == 0
