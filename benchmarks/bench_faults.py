@@ -6,25 +6,27 @@ Each trial injects one fault, chosen from ``--kinds`` (a balanced list shuffled 
                   random live ``RayTrainWorker`` is SIGKILLed in a random epoch at a random
                   fraction of its expected length.
                   Measured: completion, worker groups started, restarts reported by the run,
-                  epochs lost (missing from the final history),
-                  epochs duplicated (in the history, and ``val_acc`` steps logged twice to the one
-                  MLflow run), MLflow runs for the run name.
+                  epochs lost (missing from the final history), epochs duplicated (in the
+                  history, and ``val_acc`` steps logged twice to the one MLflow run), MLflow
+                  runs for the run name.
 ``infer_actor``   a batch-inference job (``pipelines.infer.infer``, 2 model actors) over a dataset
                   split; a random live ``BatchPredictor`` actor is SIGKILLed at a random time.
                   Measured: completion, and the *published* predictions read back: rows
                   duplicated, missing, foreign, vs the inputs.
 ``run_driver``    ``python -m pipelines run`` (prepare, train, evaluate, register, infer) as a
-                  process, SIGKILLed at a random time, then the same command rerun until it
-                  exits 0 (``--max-reruns``). Measured: completion, attempts, the step it was
+                  process, SIGKILLed in a random step (uniform over the five) at a random
+                  fraction of its expected length, then the same command rerun until it exits 0
+                  (``--max-reruns``). Measured: completion, attempts, the step it was
                   killed in, every step recorded ``succeeded``, predictions = inputs (read back),
                   epochs lost/duplicated in the training run, registered versions of the model
                   (1 expected), MLflow runs of the workflow left RUNNING.
 
-Kill times: uniform over a window that tracks how long that kind of job has taken (inference,
-``run``; ``--window-*`` give the first guesses), or a random epoch and fraction (training;
-``--epoch-*``). A kill that finds the job already finished is recorded under ``missed`` and the
-trial is drawn again (``--max-misses``), so N trials are N landed faults. Train and infer jobs run in child processes
-(``--child``) so a hung job can be killed at ``--timeout``.
+Kill times: uniform over a window that tracks how long the inference actors lived
+(``--window-infer`` is the first guess); a random epoch and a fraction of it (training,
+``--epoch-*``); a random step and a fraction of it (``run``, step lengths measured as trials
+go). A kill that finds the job already finished is recorded under ``missed`` and the trial is
+drawn again (``--max-misses``), so N trials are N landed faults. Train and infer jobs run in
+child processes (``--child``) so that a hung job can be killed at ``--timeout``.
 
 Set-up: the dev stack's S3 endpoint (moto) and a single-node Ray head (``cluster/dev_stack.py``:
 ``ray start --head`` on 127.0.0.1, 4 logical CPUs, token auth, its own temp dir), S3 storage, a
@@ -72,6 +74,8 @@ TRAIN = [*MODEL, "train.batch_size=32", "train.num_workers=2", "train.cpus_per_w
          "train.max_failures=3", "data.shard_rows=200"]
 # ~20 ms per image on one thread: a job over a few hundred images lasts long enough to be hit
 INFER_ARCH = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=4, num_heads=4)
+STEPS = ("prepare", "search", "evaluate", "register", "infer")
+STEP_GUESS_S = {"prepare": 3.0, "search": 30.0, "evaluate": 5.0, "register": 10.0, "infer": 10.0}
 INFER = ["infer.batch_size=8", "infer.num_actors=2", "infer.split=train", "mlflow.experiment_name=bench-faults"]
 
 
@@ -124,7 +128,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path, env: dict[str, str]):
         self.args, self.work, self.env = args, work, env
         self.rng = random.Random(args.seed)
-        self.windows = {"infer_actor": args.window_infer, "run_driver": args.window_run}
+        self.windows = {"infer_actor": args.window_infer}
+        self.step_s = dict(STEP_GUESS_S)  # run: expected length of each step, updated from first attempts
         self.epoch_s = {"first": args.epoch_first, "next": args.epoch_next}  # training: expected epoch lengths
         self.storage = f"s3://{BUCKET}/store"
         self.tracking = f"sqlite:///{work / 'mlflow.db'}"
@@ -348,9 +353,9 @@ class Bench:
                 "infer.batch_size=64", "mlflow.experiment_name=bench-faults-run"]
         cmd = [sys.executable, "-m", "pipelines", "run", "--config", str(config),
                *[a for kv in sets for a in ("--set", kv)]]
-        window = self.windows["run_driver"]
-        delay = self.rng.uniform(0.03 * window, window)
-        fault: dict[str, Any] = {"landed": False, "delay_s": round(delay, 2), "window_s": round(window, 1)}
+        # the step to interrupt, drawn uniformly (training dominates the run's time), and how far into it
+        target, frac = self.rng.choice(STEPS), self.rng.random()
+        fault: dict[str, Any] = {"landed": False, "target_step": target, "fraction": round(frac, 3)}
         attempts: list[dict[str, Any]] = []
         t0 = time.monotonic()
         completed = False
@@ -360,27 +365,36 @@ class Bench:
             with open(log, "wb") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=self.env, cwd=ROOT, start_new_session=True)
+            seen: dict[tuple[str, str], float] = {}  # (step, running|done|skipped) -> when the line appeared
+            kill_at = None
             try:
-                if attempt == 1:
-                    try:
-                        proc.wait(timeout=delay)
-                    except subprocess.TimeoutExpired:
-                        os.kill(proc.pid, signal.SIGKILL)  # the driver process only; Ray ends its job
-                        fault.update(landed=True, at_s=round(time.monotonic() - started, 2))
-                proc.wait(timeout=self.args.timeout)
-            except subprocess.TimeoutExpired:
-                pass
+                while proc.poll() is None and time.monotonic() < started + self.args.timeout:
+                    now = time.monotonic()
+                    for step, what in re.findall(r"^\[(\w+)\] (running|done|skipped)",
+                                                 log.read_text(errors="replace"), flags=re.M):
+                        seen.setdefault((step, what), now)
+                    if attempt == 1 and not fault["landed"]:
+                        if kill_at is None and (target, "running") in seen:
+                            kill_at = seen[(target, "running")] + frac * self.step_s[target]
+                            fault["step_estimate_s"] = round(self.step_s[target], 1)
+                        if kill_at is not None and now >= kill_at:
+                            os.kill(proc.pid, signal.SIGKILL)  # the driver process only; Ray ends its job
+                            fault.update(landed=True, at_s=round(now - started, 2))
+                    time.sleep(0.1)
             finally:
                 if proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=60)
+                proc.wait(timeout=60)
                 with contextlib.suppress(ProcessLookupError):  # anything the driver left in its group
                     os.killpg(proc.pid, signal.SIGKILL)
             text = log.read_text(errors="replace")
             steps_seen = re.findall(r"^\[(\w+)\] (running|done|skipped)", text, flags=re.M)
             info = {"attempt": attempt, "rc": proc.returncode, "seconds": round(time.monotonic() - started, 1),
                     "steps": [f"{s}:{what}" for s, what in steps_seen]}
+            for step in STEPS:  # step lengths for the next trials' kill times (first runs, not resumes)
+                if attempt == 1 and (step, "running") in seen and (step, "done") in seen:
+                    self.step_s[step] = seen[(step, "done")] - seen[(step, "running")]
             if attempt == 1 and fault["landed"]:
                 running = [s for s, what in steps_seen if what == "running"]
                 done = {s for s, what in steps_seen if what in ("done", "skipped")}
@@ -390,21 +404,14 @@ class Bench:
             attempts.append(info)
             if proc.returncode == 0:
                 completed = True
-                if attempt == 1:  # finished before the kill: the window was too long
-                    self.windows["run_driver"] = max(10.0, 0.85 * info["seconds"])
-                else:
-                    self.windows["run_driver"] = max(self.windows["run_driver"], 0.85 * (fault.get("at_s") or 0))
                 break
-        if attempts and attempts[0]["rc"] != 0 and fault["landed"] and completed:
-            # a first attempt killed at t, later ones complete: the full run takes longer than t
-            self.windows["run_driver"] = max(self.windows["run_driver"], min(1.2 * window, fault["at_s"] + 15))
         rec: dict[str, Any] = {"kind": "run_driver", "fault": fault, "attempts": attempts, "completed": completed,
                                "reruns": len(attempts) - 1, "seconds": round(time.monotonic() - t0, 1)}
 
         cfg = load_config(str(config), sets)
         record = load_record(cfg)
         rec["steps"] = {k: v.status for k, v in record.items()}
-        all_ok = rec["steps"] == {s: "succeeded" for s in ("prepare", "search", "evaluate", "register", "infer")}
+        all_ok = rec["steps"] == {s: "succeeded" for s in STEPS}
         n = self.version.count("test")
         expected = {f"test/{k}" for k in range(n)}
         ids: list[str] = []
@@ -556,7 +563,6 @@ def main() -> int:
                    help="first guess (s) of a training run's first epoch (group up to first checkpoint)")
     p.add_argument("--epoch-next", type=float, default=3.0, help="first guess (s) of its later epochs")
     p.add_argument("--window-infer", type=float, default=12.0, help="first guess (s) of an inference job's length")
-    p.add_argument("--window-run", type=float, default=100.0, help="first guess (s) of a whole `run`")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, sqlite store)")
     p.add_argument("--child", choices=["train", "infer"], help=argparse.SUPPRESS)
