@@ -658,7 +658,7 @@ def worker(args: argparse.Namespace, kinds: list[str]) -> int:
             missed.append(rec)
             say(f"[{i + 1}/{args.n}] {kind}: the kill came after the job had finished ({rec['seconds']:.0f} s, "
                 f"completed: {'yes' if rec['completed'] else 'NO'}, consistent: "
-                f"{'yes' if rec.get('consistent') else 'NO'}); trying again with a shorter window")
+                f"{'yes' if rec.get('consistent') else 'NO'}); drawing the kill again")
         trials.append(rec)
         say(line(i, args.n, rec) if "error" not in rec else f"[{i + 1}/{args.n}] {kind}: {rec['error']}")
         _write(args.out, info, args, trials, missed, setup_s, t_start)
