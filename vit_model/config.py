@@ -9,10 +9,11 @@ Names follow timm (``vit_small_patch16``) and big_vision (``S/16``); any patch s
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from .arch import ArchConfig, check_rates, pair
 
 # width, depth, heads, MLP width — ViT paper table 1, plus Ti/S from DeiT and M from timm.
 SIZES: dict[str, dict[str, Any]] = {
@@ -29,12 +30,8 @@ GLOBAL_POOLS = ("token", "avg", "")
 POS_EMBED_TYPES = ("learn", "sincos", "none")
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ArchConfig):
     """Everything that defines a ViT's architecture (timm's names where timm has one).
 
     ``img_size`` is the size the position embeddings are laid out for; other input sizes work at
@@ -68,8 +65,14 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # stochastic depth, linear over depth
     fused_attn: bool = True  # F.scaled_dot_product_attention; False = the eager path
 
+    family: ClassVar[str] = "vit"
+    STRUCTURAL: ClassVar[tuple[str, ...]] = (
+        "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values",
+        "class_token", "reg_tokens", "no_embed_class", "pos_embed",
+    )
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", _pair(self.img_size) if not isinstance(self.img_size, int) else self.img_size)
+        object.__setattr__(self, "img_size", pair(self.img_size) if not isinstance(self.img_size, int) else self.img_size)
         h, w = self.img_hw
         checks = [
             (self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}"),
@@ -87,16 +90,10 @@ class ViTConfig:
             (self.class_token or self.global_pool != "token",
              "global_pool='token' needs class_token=True; use global_pool='avg' without a class token"),
         ]
-        for rate_name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
-            rate = getattr(self, rate_name)
-            checks.append((0.0 <= rate < 1.0, f"{rate_name} must be in [0, 1), got {rate}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-    @property
-    def img_hw(self) -> tuple[int, int]:
-        return _pair(self.img_size)
+        check_rates(self, ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"))
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -111,33 +108,15 @@ class ViTConfig:
     def use_fc_norm(self) -> bool:
         return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
 
-    def replace(self, **changes: Any) -> ViTConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(d["img_size"], tuple):
-            d["img_size"] = list(d["img_size"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ViTConfig field(s) {unknown}; valid fields: {sorted(names)}")
-        d = dict(d)
-        if isinstance(d.get("img_size"), list):
-            d["img_size"] = tuple(d["img_size"])
-        return cls(**d)
 
 
 _NAME_RE = re.compile(r"^vit_(?P<size>tiny|small|medium|base|large|huge)_patch(?P<patch>\d+)(?:_(?P<img>\d+))?$")
 _VARIANT_RE = re.compile(r"^(?P<size>Ti|S|M|B|L|H)/(?P<patch>\d+)$")
 
 
-def parse_name(name: str) -> dict[str, Any]:
-    """``vit_small_patch16`` / ``vit_base_patch16_384`` / ``S/16`` -> ViTConfig fields."""
+def match_name(name: str) -> dict[str, Any] | None:
+    """``vit_small_patch16`` / ``vit_base_patch16_384`` / ``S/16`` -> ViTConfig fields; None if
+    the name is not a ViT name."""
     m = _NAME_RE.match(name)
     if m:
         fields = dict(SIZES[SIZE_NAMES[m["size"]]], patch_size=int(m["patch"]))
@@ -147,6 +126,14 @@ def parse_name(name: str) -> dict[str, Any]:
     m = _VARIANT_RE.match(name)
     if m:
         return dict(SIZES[m["size"]], patch_size=int(m["patch"]))
+    return None
+
+
+def parse_name(name: str) -> dict[str, Any]:
+    """Like :func:`match_name`, but an unknown name is a ValueError saying what names look like."""
+    fields = match_name(name)
+    if fields is not None:
+        return fields
     raise ValueError(
         f"unknown model name {name!r}; use vit_<tiny|small|medium|base|large|huge>_patch<P>[_<img>] "
         f"(e.g. vit_small_patch16) or <Ti|S|M|B|L|H>/<P> (e.g. S/16)"

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "vit_model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds "family"; a version-1 file (no family) is a plain ViT
 
 
 class UnsafeCheckpointError(ValueError):
@@ -51,7 +51,8 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, meta: 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_dict(), "meta": dict(meta or {})}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": model.cfg.family,
+           "config": model.cfg.to_dict(), "meta": dict(meta or {})}
     text = json.dumps(doc, indent=2, sort_keys=True)
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return out

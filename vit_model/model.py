@@ -13,12 +13,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
 from .files import save_pretrained
+from .layers import Attention, Block, DropPath, LayerScale, Mlp, drop_path_rates, run_checkpointed, take_indices
 from .surgery import resample_pos_embed, sincos_pos_embed_2d
+
+__all__ = ["Attention", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed", "VisionTransformer", "vit_flops"]
 
 
 class PatchEmbed(nn.Module):
@@ -51,105 +52,11 @@ class PatchEmbed(nn.Module):
         return x.permute(0, 2, 3, 1)  # (B, D, h, w) -> (B, h, w, D)
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.embed_dim // cfg.num_heads
-        self.scale = self.head_dim**-0.5
-        self.fused = cfg.fused_attn
-        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(cfg.attn_drop_rate)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
-        self.proj_drop = nn.Dropout(cfg.proj_drop_rate)
-
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3*D) -> (B, N, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # -> 3 x (B, H, N, Dh)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = None
-        if self.fused and not return_attention:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, Dh) @ (B, H, Dh, N) -> (B, H, N, N)
-            attn = attn.softmax(dim=-1)
-            x = self.attn_drop(attn) @ v  # (B, H, N, N) @ (B, H, N, Dh) -> (B, H, N, Dh)
-        x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, Dh) -> (B, N, D)
-        x = self.proj_drop(self.proj(x))
-        return (x, attn) if return_attention else x
-
-
-class Mlp(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.fc1 = nn.Linear(cfg.embed_dim, hidden)  # (B, N, D) -> (B, N, D*r)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(cfg.proj_drop_rate)
-        self.fc2 = nn.Linear(hidden, cfg.embed_dim)  # (B, N, D*r) -> (B, N, D)
-        self.drop2 = nn.Dropout(cfg.proj_drop_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, cfg: ViTConfig, drop_path: float):
-        super().__init__()
-        ls = cfg.init_values
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ls1 = LayerScale(cfg.embed_dim, ls) if ls is not None else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg)
-        self.ls2 = LayerScale(cfg.embed_dim, ls) if ls is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
-        else:
-            y, attn = self.attn(self.norm1(x)), None
-        x = x + self.drop_path1(self.ls1(y))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return (x, attn) if return_attention else x
-
-
 class VisionTransformer(nn.Module):
     """The ViT. ``VisionTransformer(ViTConfig(...))``; keys and behaviour match timm's."""
+
+    first_conv = "patch_embed.proj.weight"  # adapted when in_chans changes
+    head_keys = ("head.weight", "head.bias")  # dropped when num_classes changes
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -174,8 +81,13 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, D))
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        dpr = drop_path_rates(cfg.drop_path_rate, cfg.depth)  # stochastic depth grows with depth
+        self.blocks = nn.Sequential(*[
+            Block(D, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                  init_values=cfg.init_values, proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate,
+                  drop_path=dpr[i], norm_eps=cfg.norm_eps, fused_attn=cfg.fused_attn)
+            for i in range(cfg.depth)
+        ])
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
@@ -249,9 +161,7 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x), (h, w)
 
     def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        return run_checkpointed(block, self.grad_checkpointing, x)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
         """Images -> normalised tokens (B, prefix + N, D); with ``return_attention`` also the
@@ -305,14 +215,7 @@ class VisionTransformer(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i if i >= 0 else depth + i for i in indices]
-        if any(i < 0 or i >= depth for i in take):
-            raise ValueError(f"block indices {indices} out of range for depth {depth}")
+        take = take_indices(indices, depth)
         x, (h, w) = self._embed(x)
         B = x.shape[0]
         last = max(take) if stop_early else depth - 1
@@ -338,8 +241,25 @@ class VisionTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @staticmethod
+    def adapt_img_size(state_dict: dict[str, torch.Tensor], src: ViTConfig, dst: ViTConfig) -> dict[str, torch.Tensor]:
+        """Position embeddings of ``src``'s grid resampled to ``dst``'s (sin-cos ones recomputed)."""
+        sd = dict(state_dict)
+        if src.grid_size != dst.grid_size and "pos_embed" in sd:
+            n_prefix = 0 if src.no_embed_class else src.num_prefix_tokens
+            if dst.pos_embed == "sincos":
+                sd.pop("pos_embed")  # recomputed exactly by the model for the new grid
+            else:
+                sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], dst.grid_size, src.grid_size, n_prefix)
+        return sd
 
-def flops_per_image(cfg: ViTConfig, img_hw: tuple[int, int] | None = None) -> float:
+    @staticmethod
+    def recomputed_keys(cfg: ViTConfig) -> set[str]:
+        """Parameters the model computes itself, so a state dict may leave them out."""
+        return {"pos_embed"} if cfg.pos_embed == "sincos" else set()
+
+
+def vit_flops(cfg: ViTConfig, img_hw: tuple[int, int] | None = None) -> float:
     """Forward multiply-adds x2 per image (matmuls only; attention included), for MFU."""
     h, w = img_hw or cfg.img_hw
     n = (h // cfg.patch_size) * (w // cfg.patch_size)

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-from .config import ViTConfig
+from .arch import ArchConfig
 from .convert import detect_format, hf_config_to_vit, hf_to_timm, infer_config, to_timm
 from .files import CONFIG_NAME, FORMAT, WEIGHTS_NAME, UnsafeCheckpointError, load_state_dict, save_pretrained
-from .model import VisionTransformer
-from .surgery import adapt_input_conv, resample_pos_embed
+from .registry import arch_from_dict, build_model, family_of
+from .surgery import adapt_input_conv
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "UnsafeCheckpointError", "load_state_dict", "save_pretrained",
            "adapt_state_dict", "from_pretrained"]
@@ -33,42 +34,42 @@ HUB_PREFIX = "hf-hub:"
 # ------------------------------------------------------------------------------ adapting
 
 
-def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], src: ViTConfig, dst: ViTConfig) -> dict[str, torch.Tensor]:
-    """Weights of architecture ``src`` made to fit ``dst`` which differs only in image size,
-    input channels or number of classes: position embeddings resampled, the patch kernel adapted,
-    the head dropped (to be initialised fresh) when the class count changes."""
-    structural = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token", "reg_tokens", "no_embed_class", "pos_embed")
-    for name in structural:
-        if getattr(src, name) != getattr(dst, name):
-            raise ValueError(f"cannot adapt weights: {name} differs ({getattr(src, name)} vs {getattr(dst, name)})")
+def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], src: ArchConfig, dst: ArchConfig) -> dict[str, torch.Tensor]:
+    """Weights of architecture ``src`` made to fit ``dst`` (same family) which differs only in
+    image size, input channels, class count or non-structural settings (dropout, pooling): the
+    family resamples what depends on the image size, the first convolution is adapted to the
+    channel count, the head is dropped (to be initialised fresh) when the class count changes."""
+    differ = src.structural_differences(dst)
+    if differ:
+        name = differ[0]
+        raise ValueError(f"cannot adapt weights: {name} differs ({getattr(src, name, src.family)} vs {getattr(dst, name, dst.family)})")
+    model_cls = family_of(src).model_cls
     sd = dict(state_dict)
-    if src.grid_size != dst.grid_size and "pos_embed" in sd:
-        n_prefix = 0 if src.no_embed_class else src.num_prefix_tokens
-        if dst.pos_embed == "sincos":
-            sd.pop("pos_embed")  # recomputed exactly by the model for the new grid
-        else:
-            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], dst.grid_size, src.grid_size, n_prefix)
-    if src.in_chans != dst.in_chans:
-        sd["patch_embed.proj.weight"] = adapt_input_conv(sd["patch_embed.proj.weight"], dst.in_chans)
+    if src.img_hw != dst.img_hw:
+        sd = model_cls.adapt_img_size(sd, src, dst)
+    if src.in_chans != dst.in_chans and model_cls.first_conv in sd:
+        sd[model_cls.first_conv] = adapt_input_conv(sd[model_cls.first_conv], dst.in_chans)
     if src.num_classes != dst.num_classes:
-        sd.pop("head.weight", None)
-        sd.pop("head.bias", None)
+        for key in model_cls.head_keys:
+            sd.pop(key, None)
     return sd
 
 
 def build_from_state_dict(
-    state_dict: Mapping[str, torch.Tensor], src: ViTConfig, dst: ViTConfig | None = None
-) -> VisionTransformer:
-    """A model of architecture ``dst`` (default ``src``) holding ``state_dict`` (timm keys)."""
+    state_dict: Mapping[str, torch.Tensor], src: ArchConfig, dst: ArchConfig | None = None
+) -> nn.Module:
+    """A model of architecture ``dst`` (default ``src``) holding ``state_dict`` (our keys)."""
     dst = dst or src
     sd = adapt_state_dict(state_dict, src, dst)
-    model = VisionTransformer(dst)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    allowed_missing = set()
+    model = build_model(dst)
+    model_cls = type(model)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"weights do not match the architecture: {str(exc).strip().splitlines()[-1].strip()}") from None
+    allowed_missing = set(model_cls.recomputed_keys(dst))
     if src.num_classes != dst.num_classes:
-        allowed_missing |= {"head.weight", "head.bias"}
-    if dst.pos_embed == "sincos":
-        allowed_missing.add("pos_embed")
+        allowed_missing |= set(model_cls.head_keys)
     bad_missing = sorted(set(missing) - allowed_missing)
     if bad_missing or unexpected:
         raise ValueError(f"weights do not match the architecture: missing {bad_missing[:5]}, unexpected {sorted(unexpected)[:5]}")
@@ -87,7 +88,7 @@ def _resolve_hub(ref: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
 
 
-def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ViTConfig | None, dict[str, Any]]:
+def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ArchConfig | None, dict[str, Any]]:
     """(timm-keyed state dict, its config if known, meta) from any supported source."""
     ref = str(path)
     p = _resolve_hub(ref) if ref.startswith(HUB_PREFIX) else Path(ref)
@@ -97,7 +98,7 @@ def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], V
             raise FileNotFoundError(f"{str(p)!r} has no {CONFIG_NAME}; pass a weights file or a saved model directory")
         doc = json.loads(cfg_file.read_text())
         if doc.get("format") == FORMAT:
-            return load_state_dict(p / WEIGHTS_NAME), ViTConfig.from_dict(doc["config"]), doc.get("meta", {})
+            return load_state_dict(p / WEIGHTS_NAME), arch_from_dict(doc), doc.get("meta", {})
         if doc.get("model_type") == "vit":  # a Hugging Face save_pretrained directory
             weights = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()), None)
             if weights is None:
@@ -119,22 +120,25 @@ def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], V
 def from_pretrained(
     path: str | os.PathLike,
     *,
-    config: ViTConfig | None = None,
+    config: ArchConfig | None = None,
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
     in_chans: int | None = None,
     return_meta: bool = False,
     **config_overrides: Any,
 ):
-    """Load a ViT from a saved directory, a Hugging Face directory, a weights file (timm,
-    torchvision or HF keys) or ``hf-hub:org/name``, adapted to ``num_classes``/``img_size``/
-    ``in_chans`` when given.
+    """Load a model from a saved directory (any family), a Hugging Face ViT directory, a ViT
+    weights file (timm, torchvision or HF keys) or ``hf-hub:org/name``, adapted to
+    ``num_classes``/``img_size``/``in_chans`` when given.
 
-    For bare weights files the architecture is inferred from tensor shapes; pass ``config`` or
-    ``num_heads=`` when the width is not in the size table. Other keyword arguments override
-    non-structural config fields (e.g. ``drop_path_rate=0.1``).
+    For bare ViT weights files the architecture is inferred from tensor shapes; pass ``config``
+    (any family's) or ``num_heads=`` when the width is not in the size table. Other keyword
+    arguments override non-structural config fields (e.g. ``drop_path_rate=0.1``).
     """
-    sd, src_cfg, meta = read_pretrained(path)
+    if config is not None and config.family != "vit" and Path(str(path)).is_file():
+        sd, src_cfg, meta = load_state_dict(path), config, {}  # our keys: no foreign-format conversion
+    else:
+        sd, src_cfg, meta = read_pretrained(path)
     if config is not None:
         src_cfg = config
     if src_cfg is None:
