@@ -69,7 +69,7 @@ BUCKET = "bench-faults"
 INFER_MODEL = "bench-faults-infer"
 TRAIN_EPOCHS = 3
 RUN_EPOCHS = 2
-MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=7"]
+MODEL = ["model.args.embed_dim=32", "model.args.depth=1", "model.args.num_heads=2", "model.args.patch_size=7"]
 TRAIN = [*MODEL, "train.batch_size=32", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.warmup_epochs=0.5",
          "train.max_failures=3", "data.shard_rows=200"]
 # ~20 ms per image on one thread: a job over a few hundred images lasts long enough to be hit

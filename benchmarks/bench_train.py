@@ -65,8 +65,8 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=12000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", nargs="*", default=["model.embed_dim=64", "model.depth=6", "model.num_heads=4",
-                                                  "model.patch_size=4"])
+    p.add_argument("--model", nargs="*", default=["model.args.embed_dim=64", "model.args.depth=6", "model.args.num_heads=4",
+                                                  "model.args.patch_size=4"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--runs", nargs="*", default=["1:cache", "2:cache", "2:nocache"],
                    help="Ray Train runs as WORKERS:cache|nocache (data.cache_decoded on/off)")

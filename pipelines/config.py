@@ -93,19 +93,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which ViT to build: a named size plus optional overrides of any ViTConfig field."""
+    """Which model to build: a vit_model name (any family) and that family's arguments.
+
+    ``args`` takes any argument of the family's config (``depth``, ``drop_path_rate``,
+    ``reg_tokens``, ``window_size``, ...); the dataset supplies ``in_chans`` and ``num_classes``
+    and, unless ``args.img_size`` is given, ``img_size``. See pipelines/architecture.py.
+    """
 
     name: str = "vit_tiny_patch4"
-    img_size: int | None = None  # default: the dataset's image size
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    global_pool: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None  # directory/file for vit_model.from_pretrained
 
 
@@ -245,11 +241,26 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     data = copy.deepcopy(raw)
     for item in overrides:
         _apply_override(data, item)
+    _refuse_moved_model_keys(data)
     cfg = from_dict(PipelineConfig, data)
     _refuse_credentials(cfg)
     _check_names(cfg)
     _check_values(cfg)
     return cfg
+
+
+# model.* keys of the fixed ViT-only schema; every family argument now lives under model.args
+MOVED_MODEL_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "drop_rate",
+                    "attn_drop_rate", "drop_path_rate", "global_pool")
+
+
+def _refuse_moved_model_keys(data: dict[str, Any]) -> None:
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in model:
+            if key in MOVED_MODEL_KEYS:
+                raise ConfigError(f"model.{key} moved to model.args.{key} (model.args takes any argument of the "
+                                  f"model's family); rename the key")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -288,10 +299,6 @@ VALUE_CHECKS = [
     ("data.augment.random_erasing", _PROBABILITY),
     ("data.augment.crop_scale", ((lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1), "must be [low, high] with 0 < low <= high <= 1")),
     ("data.augment.std", ((lambda v: len(v) > 0 and all(x > 0 for x in v)), "must be positive values")),
-    ("model.img_size", _optional(_at_least(1))), ("model.patch_size", _optional(_at_least(1))),
-    ("model.embed_dim", _optional(_at_least(1))), ("model.depth", _optional(_at_least(1))),
-    ("model.num_heads", _optional(_at_least(1))), ("model.mlp_ratio", _optional(_POSITIVE)),
-    ("model.drop_rate", _FRACTION), ("model.attn_drop_rate", _FRACTION), ("model.drop_path_rate", _FRACTION),
     ("train.epochs", _at_least(1)), ("train.batch_size", _at_least(1)), ("train.lr", _POSITIVE),
     ("train.weight_decay", _at_least(0)), ("train.warmup_epochs", _at_least(0)), ("train.min_lr", _at_least(0)),
     ("train.label_smoothing", _FRACTION), ("train.mixup_alpha", _at_least(0)), ("train.cutmix_alpha", _at_least(0)),
@@ -334,6 +341,11 @@ def _check_values(cfg: PipelineConfig) -> None:
 NAME_SETTINGS = ("data.name", "data.version", "train.run_name", "tune.name", "workflow.name", "infer.job_name")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def number_or_text(value: Any) -> Any:
+    """``"1e-3"`` (YAML 1.1 reads exponent notation without a dot as text) -> 0.001; else ``value``."""
+    return float(value) if isinstance(value, str) and _NUMBER.match(value.strip()) else value
 
 
 def _check_names(cfg: PipelineConfig) -> None:

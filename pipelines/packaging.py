@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vit_model import ViTConfig
+from vit_model import arch_from_dict
 
 from . import storage as st
 from .config import PipelineConfig
@@ -76,7 +76,7 @@ def stage_model_dir(model_dir_uri: str, cfg: PipelineConfig, dest: Path) -> Stag
             "convert the weights with vit_model.from_pretrained(...).save_pretrained(dir) first"
         )
     try:
-        arch = ViTConfig.from_dict(doc["config"])
+        arch = arch_from_dict(doc)
     except (TypeError, ValueError) as exc:
         raise RegisterError(f"{redact_uri(model_dir_uri)}/config.json has an invalid architecture ({exc})") from None
     weights = read("model.safetensors")

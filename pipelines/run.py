@@ -33,6 +33,7 @@ from typing import Any
 
 from . import console, tracking
 from . import storage as st
+from .architecture import check_model_settings
 from .config import WORKFLOW_STEPS, PipelineConfig, config_from_dict, to_dict
 from .data.shards import load_version
 from .errors import ConfigError, UserError, first_line, redact_uri
@@ -246,6 +247,8 @@ def run(cfg: PipelineConfig, *, from_step: str | None = None, only: list[str] | 
     if from_step is not None and from_step not in STEPS:
         raise ConfigError(f"--from {from_step!r} is not a step; steps: {', '.join(STEPS)}")
     steps = [s for s in STEPS if s in (only or cfg.workflow.steps)]
+    if "search" in steps:
+        check_model_settings(cfg)  # before any step runs: a model no run could build fails now
     cfg = pinned_paths(cfg)  # steps run in Ray workers, whose working directory is not ours
     # one run of a workflow at a time: a second one fails here instead of racing on record.json
     with st.exclusive(st.join_uri(cfg.storage.uri, "runs", cfg.workflow.name, "_lock"),

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from vit_model import VisionTransformer, ViTConfig, load_state_dict
+from vit_model import arch_from_dict, build_model, load_state_dict
 
 
 def _sibling_module(name: str):
@@ -162,7 +162,7 @@ class ViTClassifier(mlflow.pyfunc.PythonModel):
     """
 
     def __init__(self) -> None:
-        self.model: VisionTransformer | None = None
+        self.model: torch.nn.Module | None = None
         self.spec: PreprocessSpec | None = None
         self.class_names: list[str] = []
         self.device = torch.device("cpu")
@@ -181,8 +181,8 @@ class ViTClassifier(mlflow.pyfunc.PythonModel):
         if missing:
             raise ValueError(f"the packaged model lacks artifact(s) {missing}; re-register it")
         doc = json.loads(Path(paths["config"]).read_text())
-        cfg = ViTConfig.from_dict(doc["config"])
-        model = VisionTransformer(cfg)
+        cfg = arch_from_dict(doc)  # any vit_model family; config.json names it
+        model = build_model(cfg)
         model.load_state_dict(load_state_dict(paths["weights"]), strict=True)  # safetensors: no pickle
         self.spec = PreprocessSpec.from_dict(json.loads(Path(paths["preprocessing"]).read_text()))
         self.class_names = [str(c) for c in json.loads(Path(paths["class_names"]).read_text())]
@@ -256,7 +256,7 @@ class ViTClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"label": labels, "label_name": names, "probabilities": probs, "error": errors},
                             index=model_input.index)
 
-    def _ready(self) -> tuple[VisionTransformer, PreprocessSpec]:
+    def _ready(self) -> tuple[torch.nn.Module, PreprocessSpec]:
         if self.model is None or self.spec is None:
             raise RuntimeError("ViTClassifier has no weights yet: load it with mlflow.pyfunc.load_model or from_artifacts")
         return self.model, self.spec

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from .architecture import check_model_settings
 from .config import PipelineConfig
 from .data.shards import DatasetVersion, dataset_from_config
 from .trainer import TrainResult, fit
@@ -22,6 +23,7 @@ def train(cfg: PipelineConfig, *, version: DatasetVersion | None = None, run_nam
     Resubmitting ``train.run_name`` resumes that run when its settings are unchanged; with
     ``extend`` (``--continue``) it continues under new hyperparameters (``train.epochs``, ``lr``,
     ...), the learning-rate schedule recomputed for them."""
+    check_model_settings(cfg)
     return fit(cfg, version or dataset_from_config(cfg), run_name=run_name, extend=extend)
 
 

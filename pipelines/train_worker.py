@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
-from vit_model import VisionTransformer, ViTConfig, config_from_name, from_pretrained
+import torch.nn as nn
 
 from . import tracking
+from .architecture import arch_from_dict, pretrained_model
+from .architecture import build_model as new_model
 from .checkpoint import load_training_state, save_training_state
 from .config import PipelineConfig, from_dict
 from .data.stream import iter_epoch
@@ -47,7 +48,7 @@ from .errors import UserError
 @dataclass
 class WorkerSpec:
     config: dict[str, Any]  # to_dict(PipelineConfig)
-    model_config: dict[str, Any]  # ViTConfig.to_dict()
+    model_config: dict[str, Any]  # vit_model.arch_to_dict(architecture): {"family", "config"}
     class_names: list[str]
     train_count: int
     val_count: int
@@ -67,27 +68,11 @@ class WorkerSpec:
         return from_dict(PipelineConfig, self.config)
 
 
-def model_config_for(cfg: PipelineConfig, num_classes: int, channels: int, image_hw: tuple[int, int] | None):
-    """The ViTConfig for ``model.*`` on a dataset (its classes, channels and image size)."""
-    m = cfg.model
-    img_size = m.img_size or (image_hw if image_hw and image_hw[0] != image_hw[1] else (image_hw[0] if image_hw else None))
-    overrides = dict(
-        img_size=img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio, global_pool=m.global_pool, in_chans=channels, num_classes=num_classes,
-        drop_rate=m.drop_rate, attn_drop_rate=m.attn_drop_rate, drop_path_rate=m.drop_path_rate,
-    )
-    try:
-        return config_from_name(m.name, **overrides)
-    except ValueError as exc:
-        raise UserError(f"model settings are invalid: {exc}") from None
-
-
-def build_model(spec: WorkerSpec) -> VisionTransformer:
-    vit_cfg = ViTConfig.from_dict(spec.model_config)
+def build_model(spec: WorkerSpec) -> nn.Module:
+    arch = arch_from_dict(spec.model_config)
     if spec.pretrained:
-        return from_pretrained(spec.pretrained, num_classes=vit_cfg.num_classes, img_size=vit_cfg.img_size,
-                               in_chans=vit_cfg.in_chans, drop_path_rate=vit_cfg.drop_path_rate)
-    return VisionTransformer(vit_cfg)
+        return pretrained_model(spec.pretrained, arch)
+    return new_model(arch)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import console, tracking
 from . import storage as st
+from .architecture import arch_to_dict, model_arch
 from .checkpoint import load_model_weights
 from .config import PipelineConfig, StorageConfig, flatten, to_dict
 from .data.shards import DatasetVersion
@@ -26,7 +27,7 @@ from .data.stream import build_dataset, stream_spec, train_data_config
 from .errors import UserError
 from .plots import plot_confusion, plot_curves
 from .ray_setup import checkpoint_uri, ensure_ray, ray_storage
-from .train_worker import WorkerSpec, build_model, model_config_for, ray_train_loop
+from .train_worker import WorkerSpec, build_model, ray_train_loop
 
 TASK = "train"  # the MLflow task tag of training runs
 MODEL_DIR = "model"  # <run dir>/model: the exported vit_model directory (what register packages)
@@ -136,7 +137,8 @@ def run_settings(config: dict[str, Any], dataset_version: str | None) -> dict[st
     data order, dataset version), from a config dict as checkpoints store it."""
     flat = flatten(config)
     keep = {k: v for k, v in flat.items()
-            if k.startswith(("model.", "train.", "data.augment.")) and k not in _NOT_RUN_SETTINGS}
+            if k.startswith(("model.", "train.", "data.augment.")) and k not in _NOT_RUN_SETTINGS
+            and v != {}}  # an empty mapping (model.args) is the absence of its keys
     keep.update({"data.shuffle": flat.get("data.shuffle"), "data.equal_shards": flat.get("data.equal_shards")})
     if dataset_version:
         keep["dataset.version"] = dataset_version
@@ -230,9 +232,9 @@ def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: b
     if pretrained and "://" not in pretrained and not pretrained.startswith("hf-hub:") and not Path(pretrained).exists():
         raise UserError(f"model.pretrained={pretrained!r} does not exist; give a vit_model directory, a weights file, "
                         "an hf-hub:ORG/NAME id, or null to train from scratch")
-    vit_cfg = model_config_for(cfg, version.num_classes, version.channels, version.image_size)
+    arch = model_arch(cfg, version.num_classes, version.channels, version.image_size)
     return WorkerSpec(
-        config=to_dict(cfg), model_config=vit_cfg.to_dict(), class_names=version.classes,
+        config=to_dict(cfg), model_config=arch_to_dict(arch), class_names=version.classes,
         train_count=version.count("train"), val_count=version.count("val"), mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking.resolve_tracking_uri(cfg) if mlflow_run_id else None,
         pretrained=cfg.model.pretrained, threads=max(1, int(round(cfg.train.cpus_per_worker))),

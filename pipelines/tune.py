@@ -26,7 +26,8 @@ import yaml
 
 from . import console, tracking
 from . import storage as st
-from .config import PipelineConfig, config_from_dict, flatten, load_config, to_dict
+from .architecture import check_model_settings
+from .config import PipelineConfig, config_from_dict, flatten, load_config, number_or_text, to_dict
 from .data.shards import DatasetVersion, dataset_from_config, load_version
 from .errors import ConfigError, UserError, first_line
 from .ray_setup import checkpoint_uri, ensure_ray, pinned_paths, ray_storage
@@ -77,9 +78,13 @@ def param_space(cfg: PipelineConfig) -> dict[str, Any]:
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
             raise ConfigError(f"tune.space.{key}.{kind} needs a list of values, got {args!r}")
+        args = [number_or_text(a) for a in args]  # YAML 1.1 reads 1e-4 as text
         example = args[0]
         try:  # the key must exist and take this kind of value
-            load_config(None, [f"{key}={_yaml_scalar(example)}"])
+            trial_cfg = load_config(None, [f"{key}={_yaml_scalar(example)}"])
+            if key.startswith("model."):
+                check_model_settings(dataclasses.replace(trial_cfg, model=dataclasses.replace(
+                    cfg.model, args={**cfg.model.args, **trial_cfg.model.args})))
         except ConfigError as exc:
             raise ConfigError(f"tune.space key {key!r} is not usable: {exc}") from None
         if kind == "loguniform":
@@ -150,6 +155,7 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
     from ray.tune.schedulers import ASHAScheduler
 
     t0 = time.time()
+    check_model_settings(cfg)
     space = param_space(cfg)
     version = version or dataset_from_config(cfg)
     name = name or cfg.tune.name or f"sweep-{version.version[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -45,7 +45,7 @@ def tiny_vit(dropout: float = 0.0, reg_tokens: int = 0) -> VisionTransformer:
 # --------------------------------------------------------------------------------------------
 
 TINY_WORKFLOW = [
-    "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=7", "train.batch_size=32",
+    "model.args.embed_dim=32", "model.args.depth=1", "model.args.num_heads=2", "model.args.patch_size=7", "train.batch_size=32",
     "train.cpus_per_worker=0.5", "train.num_workers=2", "train.epochs=1", "data.shard_rows=100",
     "workflow.search=train", "workflow.retries=0", "infer.batch_size=64", "registry.model_name=vit-run-test",
 ]

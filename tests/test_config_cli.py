@@ -22,12 +22,12 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_and_yaml_and_overrides(tmp_path):
     path = _write(tmp_path, "train:\n  epochs: 3\n  lr: 0.002\ndata:\n  augment:\n    mean: [0.5]\n")
-    cfg = load_config(path, ["train.epochs=7", "storage.uri=s3://bucket/x", "model.drop_path_rate=0.1",
+    cfg = load_config(path, ["train.epochs=7", "storage.uri=s3://bucket/x", "model.args.drop_path_rate=0.1",
                              "train.clip_grad_norm=null"])
     assert isinstance(cfg, PipelineConfig)
     assert cfg.train.epochs == 7 and cfg.train.lr == 0.002
     assert cfg.storage.uri == "s3://bucket/x"
-    assert cfg.model.drop_path_rate == 0.1
+    assert cfg.model.args == {"drop_path_rate": 0.1}
     assert cfg.train.clip_grad_norm is None
     assert cfg.data.augment.mean == (0.5,)
     assert cfg.train.batch_size == PipelineConfig().train.batch_size

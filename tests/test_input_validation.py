@@ -43,7 +43,8 @@ def test_valid_names_and_version_uris_pass():
     ("train.precision=fp8", "train.precision='fp8' is not supported; use 'fp32', 'bf16' or 'fp16'"),
     ("train.epochs=0", "train.epochs=0 must be at least 1"),
     ("train.cpus_per_worker=0", "train.cpus_per_worker=0.0 must be positive"),
-    ("model.drop_path_rate=1.0", "model.drop_path_rate=1.0 must be in [0, 1)"),
+    ("model.depth=3", "model.depth moved to model.args.depth (model.args takes any argument of the model's family); "
+                      "rename the key"),
     ("data.channels=2", "data.channels=2 is not supported; use 1 or 3"),
     ("data.augment.crop_scale=[0.9,0.1]", "data.augment.crop_scale=[0.9, 0.1] must be [low, high] with 0 < low <= high <= 1"),
     ("tune.mode=best", "tune.mode='best' is not supported; use 'max' or 'min'"),

@@ -44,7 +44,7 @@ EPOCHS = 3
 RUN_NAME = "multinode"
 DRIVER_TIMEOUT_S = 540  # the whole driver; a healthy run takes ~1.5-2.5 min on 2 busy cores
 TRAIN = [
-    "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=7",
+    "model.args.embed_dim=32", "model.args.depth=1", "model.args.num_heads=2", "model.args.patch_size=7",
     "train.batch_size=32", "train.num_workers=2", "train.cpus_per_worker=2", "train.max_failures=3",
     f"train.epochs={EPOCHS}", "train.warmup_epochs=0.5", f"train.run_name={RUN_NAME}", "data.shard_rows=60",
 ]

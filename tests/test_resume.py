@@ -105,9 +105,9 @@ def test_resume_point_names_what_changed(tmp_path):
     same_but_operational = load_config(None, [f"storage.uri={tmp_path.as_uri()}", "train.epochs=2",
                                               "train.max_failures=5", "data.cache_decoded=false"])
     assert resume_point(same_but_operational, "r", version).changed == {}
-    more = load_config(None, [f"storage.uri={tmp_path.as_uri()}", "train.epochs=4", "model.depth=3"])
+    more = load_config(None, [f"storage.uri={tmp_path.as_uri()}", "train.epochs=4", "model.args.depth=3"])
     point = resume_point(more, "r", types.SimpleNamespace(version="v2"))
-    assert point.changed == {"train.epochs": (2, 4), "model.depth": (None, 3), "dataset.version": ("v1", "v2")}
+    assert point.changed == {"train.epochs": (2, 4), "model.args.depth": (None, 3), "dataset.version": ("v1", "v2")}
 
 
 def test_check_resume_refuses_changes_unless_continued():
@@ -117,9 +117,9 @@ def test_check_resume_refuses_changes_unless_continued():
                                         r"settings: train.lr 0.001 -> 0.002, train.epochs 5 -> 8; .*--continue"):
         check_resume("r", lr, extend=False)
     check_resume("r", lr, extend=True)
-    arch = ResumePoint(3, {"model.depth": (4, 6), "train.epochs": (5, 8)})
+    arch = ResumePoint(3, {"model.args.depth": (4, 6), "train.epochs": (5, 8)})
     for extend in (False, True):
-        with pytest.raises(UserError, match=r"model.depth cannot change within a run: pick a new train.run_name"):
+        with pytest.raises(UserError, match=r"model.args.depth cannot change within a run: pick a new train.run_name"):
             check_resume("r", arch, extend=extend)
 
 

@@ -105,7 +105,7 @@ def test_stream_settings_are_validated(local_ds):
 
 def test_resize_to_model_size(local_ds):
     cfg, ds = local_ds
-    big = make_cfg(cfg.storage.uri, cfg.data.source_dir, "model.img_size=32", "data.augment.random_resized_crop=true")
+    big = make_cfg(cfg.storage.uri, cfg.data.source_dir, "model.args.img_size=32", "data.augment.random_resized_crop=true")
     batch = next(iter(iter_local_batches(ds, "train", big, batch_size=4)))
     assert batch["image"].shape == (4, 1, 32, 32)
     batch = next(iter(iter_local_batches(ds, "val", big, batch_size=4)))

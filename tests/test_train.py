@@ -29,7 +29,7 @@ from pipelines.trainer import TrainingStopped, make_spec
 
 pytestmark = pytest.mark.integration
 
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=7", "train.batch_size=32",
+TINY = ["model.args.embed_dim=32", "model.args.depth=2", "model.args.num_heads=2", "model.args.patch_size=7", "train.batch_size=32",
         "train.cpus_per_worker=0.5", "train.num_workers=2", "train.warmup_epochs=0.5", "data.shard_rows=60"]
 
 
@@ -73,7 +73,7 @@ def test_one_epoch_two_workers_then_resume_then_nan(ray_cluster, s3_dataset, fmn
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.batch_size"] == "32" and run.data.params["model.embed_dim"] == "32"
+    assert run.data.params["train.batch_size"] == "32" and run.data.params["model.args.embed_dim"] == "32"
     for key in ("train_loss", "val_loss", "val_acc", "lr", "images_per_s", "epoch_seconds"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -10,6 +10,8 @@ are common to all families: weights adapt across them.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
 
 
@@ -27,6 +29,37 @@ def _from_json(v: Any) -> Any:
     if isinstance(v, list):
         return tuple(_from_json(x) for x in v)
     return v
+
+
+def _type_ok(tp: Any, v: Any) -> bool:
+    """Whether JSON/YAML value ``v`` fits annotation ``tp`` (int, float, bool, str, None, unions,
+    homogeneous or fixed tuples); ints are accepted for floats, bools never for numbers."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(a, v) for a in args)
+    if tp is type(None):
+        return v is None
+    if origin is tuple:
+        if not isinstance(v, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(args[0], x) for x in v)
+        return len(v) == len(args) and all(_type_ok(a, x) for a, x in zip(args, v))
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(tp, type):
+        return isinstance(v, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def check(checks: list[tuple[bool, str]]) -> None:
@@ -69,6 +102,10 @@ class ArchConfig:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"unknown {cls.family} model argument(s) {unknown}; valid arguments: {names}")
+        hints = typing.get_type_hints(cls)
+        for k, v in d.items():
+            if not _type_ok(hints[k], v):
+                raise ValueError(f"{k}={v!r} has the wrong type for a {cls.family} model; expected {_type_name(hints[k])}")
         return cls(**{k: _from_json(v) for k, v in d.items()})
 
     def structural_differences(self, other: ArchConfig) -> list[str]:

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import config as vit_config
 from .arch import ArchConfig
+from .config import ViTConfig
+from .config import available_models as vit_names
+from .config import match_name as vit_match_name
 from .model import VisionTransformer, vit_flops
 
 
@@ -43,7 +45,7 @@ def register_family(family: Family) -> Family:
 
 
 register_family(Family(
-    "vit", vit_config.ViTConfig, VisionTransformer, vit_config.match_name, vit_config.available_models, vit_flops,
+    "vit", ViTConfig, VisionTransformer, vit_match_name, vit_names, vit_flops,
     "vit_<tiny|small|medium|base|large|huge>_patch<P>[_<img>] or <Ti|S|M|B|L|H>/<P>",
 ))
 

@@ -79,15 +79,15 @@ def stream_spec(version: DatasetVersion, cfg: PipelineConfig, train: bool) -> St
         raise ConfigError(
             f"data.augment.auto_augment={aug.auto_augment!r} is not supported; use null, 'trivial' or 'randaugment'"
         )
-    size = cfg.model.img_size or cfg.data.image_size
+    size = cfg.model.args.get("img_size") or cfg.data.image_size
     stored = version.image_size
     if size:
-        out = (size, size)
+        out = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     elif stored is not None:
         out = stored
     else:
         raise ConfigError(
-            f"the images of {version.uri} have several sizes; set data.image_size (at prepare) or model.img_size"
+            f"the images of {version.uri} have several sizes; set data.image_size (at prepare) or model.args.img_size"
         )
     spec = StreamSpec(out, version.channels, train, aug, cfg.train.seed, deterministic=cfg.data.shuffle or not train)
     spec.mean, spec.std  # noqa: B018 - validate lengths now, on the driver

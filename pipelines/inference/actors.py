@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from vit_model import VisionTransformer, ViTConfig
+from vit_model import arch_from_dict, build_model
 
 from .. import storage as st
 from ..config import AugmentConfig, PipelineConfig, StorageConfig
@@ -145,7 +145,7 @@ class BatchPredictor:
         if not use_gpu:
             torch.set_num_threads(max(1, int(threads)))
         files = ray.get(package) if isinstance(package, ray.ObjectRef) else package
-        net = VisionTransformer(ViTConfig.from_dict(json.loads(files["config"])["config"]))
+        net = build_model(arch_from_dict(json.loads(files["config"])))
         net.load_state_dict(load_safetensors(files["weights"]), strict=True)  # tensors only, nothing unpickled
         self.model_ref = model
         self.top_k = max(1, min(int(top_k), model.num_classes))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vit_model import ViTConfig
+from vit_model import arch_from_dict
 
 from .. import tracking
 from ..config import PipelineConfig
@@ -146,7 +146,7 @@ def load_model_package(model: ResolvedModel) -> dict[str, bytes]:
         try:
             paths = fetch_model_files(model.download_uri, model.tracking_uri, Path(tmp), ("config", "weights"))
             config = Path(paths["config"]).read_bytes()
-            ViTConfig.from_dict(json.loads(config)["config"])
+            arch_from_dict(json.loads(config))
             with safe_open(paths["weights"], "pt") as f:
                 if not list(f.keys()):
                     raise ValueError("the safetensors file holds no tensors")
