@@ -176,3 +176,42 @@ def test_adapt_input_conv_rgb_to_grey_matches_grey_rgb_response():
     assert torch.allclose(out_grey, out_rgb, atol=1e-6)
     assert adapt_input_conv(w, 3) is w
     assert adapt_input_conv(w, 4).shape == (8, 4, 4, 4)
+
+
+def test_flops_per_image_matches_torch_flop_counter():
+    """Our closed-form count against PyTorch's own counter on the eager path (2 x multiply-adds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vit_model import flops_per_image
+
+    cfg = ViTConfig(img_size=(28, 32), patch_size=4, in_chans=1, num_classes=10, embed_dim=48, depth=3,
+                    num_heads=3, reg_tokens=2, fused_attn=False)
+    model = VisionTransformer(cfg).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(2, 1, 28, 32))
+    assert flops_per_image(model) == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
+    assert flops_per_image(cfg, (56, 64)) > 4 * flops_per_image(cfg)  # attention grows faster than tokens
+
+
+def test_registry_dispatch_and_format_1_files(tmp_path):
+    """A bare family name gives its defaults; a config.json written before families existed
+    (format 1, no ``family``) still loads as a plain ViT."""
+    import json
+
+    from vit_model import arch_from_dict, arch_to_dict, config_from_name, create_model, from_pretrained
+
+    assert config_from_name("vit", num_classes=3) == ViTConfig(num_classes=3)
+    with pytest.raises(ValueError, match=r"^unknown model family 'cnn'; known families: \["):
+        arch_from_dict({"family": "cnn", "config": {}})
+    model = create_model("vit_tiny_patch4", img_size=28, in_chans=1, num_classes=10, depth=2).eval()
+    assert arch_from_dict(arch_to_dict(model.cfg)) == model.cfg
+    model.save_pretrained(tmp_path)
+    doc = json.loads((tmp_path / "config.json").read_text())
+    assert doc["family"] == "vit" and doc["format_version"] == 2
+    del doc["family"]
+    doc["format_version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path).eval()(x), model(x))
