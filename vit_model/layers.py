@@ -147,7 +147,7 @@ def run_checkpointed(module: nn.Module, enabled: bool, *args):
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
     """Stochastic depth growing linearly from 0 to ``rate`` over ``depth`` blocks."""
-    return torch.linspace(0, rate, depth).tolist() if depth else []
+    return torch.linspace(0, rate, depth, device="cpu").tolist() if depth else []  # cpu: works under meta-device init
 
 
 def take_indices(indices, depth: int) -> list[int]:

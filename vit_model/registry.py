@@ -23,6 +23,10 @@ from .config import ViTConfig
 from .config import available_models as vit_names
 from .config import match_name as vit_match_name
 from .model import VisionTransformer, vit_flops
+from .swin import NAME_HELP as SWIN_NAME_HELP
+from .swin import SwinConfig, SwinTransformer, swin_flops
+from .swin import available_models as swin_names
+from .swin import match_name as swin_match_name
 
 
 @dataclass(frozen=True)
@@ -105,3 +109,8 @@ def flops_per_image(cfg: ArchConfig | nn.Module, img_hw: tuple[int, int] | None 
 def available_models(family: str | None = None) -> list[str]:
     fams = [get_family(family)] if family else list(FAMILIES.values())
     return [n for f in fams for n in f.names()]
+
+
+register_family(Family(
+    "swin", SwinConfig, SwinTransformer, swin_match_name, swin_names, swin_flops, SWIN_NAME_HELP,
+))
