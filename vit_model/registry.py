@@ -19,6 +19,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import config as vit_config
+from . import hybrid
 from .arch import ArchConfig
 from .model import VisionTransformer, vit_flops
 
@@ -103,3 +104,9 @@ def flops_per_image(cfg: ArchConfig | nn.Module, img_hw: tuple[int, int] | None 
 def available_models(family: str | None = None) -> list[str]:
     fams = [get_family(family)] if family else list(FAMILIES.values())
     return [n for f in fams for n in f.names()]
+
+
+register_family(Family(
+    "hybrid", hybrid.HybridConfig, hybrid.HybridViT, hybrid.match_name, hybrid.available_models, hybrid.hybrid_flops,
+    hybrid.NAME_HELP,
+))
