@@ -266,6 +266,8 @@ def test_structural_change_is_refused(tmp_path):
     _model(TINY_CCT).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"cannot adapt weights: global_pool differs \(seq vs avg\)"):
         from_pretrained(tmp_path, global_pool="avg")
+    with pytest.raises(ValueError, match=r"cannot adapt weights: stem_pool_kernel differs \(3 vs 0\)"):
+        from_pretrained(tmp_path, stem_pool_kernel=0)  # same image size, another token grid
 
 
 # ------------------------------------------------------------------------------ behaviour

@@ -107,9 +107,11 @@ class HybridConfig(ArchConfig):
     fused_attn: bool = True  # F.scaled_dot_product_attention; False = the eager path
 
     family: ClassVar[str] = "hybrid"
+    # The stem's geometry (padding and pooling too) sets the token grid the weights were trained on.
     STRUCTURAL: ClassVar[tuple[str, ...]] = (
-        "stem", "stem_channels", "stem_strides", "stem_kernel", "embed_dim", "depth", "num_heads", "mlp_ratio",
-        "qkv_bias", "class_token", "pos_embed", "global_pool", "norm_layout",
+        "stem", "stem_channels", "stem_strides", "stem_kernel", "stem_padding", "stem_pool_kernel", "stem_pool_stride",
+        "stem_pool_padding", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token", "pos_embed",
+        "global_pool", "norm_layout",
     )
 
     def __post_init__(self) -> None:
