@@ -22,6 +22,10 @@ from .arch import ArchConfig
 from .config import ViTConfig
 from .config import available_models as vit_names
 from .config import match_name as vit_match_name
+from .hybrid import NAME_HELP as HYBRID_NAME_HELP
+from .hybrid import HybridConfig, HybridViT, hybrid_flops
+from .hybrid import available_models as hybrid_names
+from .hybrid import match_name as hybrid_match_name
 from .model import VisionTransformer, vit_flops
 from .swin import NAME_HELP as SWIN_NAME_HELP
 from .swin import SwinConfig, SwinTransformer, swin_flops
@@ -109,6 +113,11 @@ def flops_per_image(cfg: ArchConfig | nn.Module, img_hw: tuple[int, int] | None 
 def available_models(family: str | None = None) -> list[str]:
     fams = [get_family(family)] if family else list(FAMILIES.values())
     return [n for f in fams for n in f.names()]
+
+
+register_family(Family(
+    "hybrid", HybridConfig, HybridViT, hybrid_match_name, hybrid_names, hybrid_flops, HYBRID_NAME_HELP,
+))
 
 
 register_family(Family(
