@@ -19,6 +19,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import config as vit_config
+from . import t2t
 from .arch import ArchConfig
 from .model import VisionTransformer, vit_flops
 
@@ -103,3 +104,6 @@ def flops_per_image(cfg: ArchConfig | nn.Module, img_hw: tuple[int, int] | None 
 def available_models(family: str | None = None) -> list[str]:
     fams = [get_family(family)] if family else list(FAMILIES.values())
     return [n for f in fams for n in f.names()]
+
+
+register_family(Family("t2t", t2t.T2TConfig, t2t.T2TViT, t2t.match_name, t2t.available_models, t2t.t2t_flops, t2t.NAME_HELP))
