@@ -78,7 +78,8 @@ def model_arch(cfg: PipelineConfig, num_classes: int, channels: int, image_hw: t
     if img_size is None and image_hw:
         img_size = image_hw[0] if image_hw[0] == image_hw[1] else tuple(image_hw)
     try:
-        return config_from_name(cfg.model.name, **args, img_size=img_size, in_chans=channels, num_classes=num_classes)
+        sized = {"img_size": img_size} if img_size is not None else {}  # else the name's own size
+        return config_from_name(cfg.model.name, **args, **sized, in_chans=channels, num_classes=num_classes)
     except ValueError as exc:
         message = str(exc)
         named = sorted((m.start(), k) for k in cfg.model.args if (m := re.search(rf"\b{re.escape(k)}\b", message)))

@@ -15,6 +15,7 @@ ViT (``t2t``) and Swin (``swin``); see :mod:`vit_model.registry`.
 
 from .arch import ArchConfig
 from .config import SIZES, ViTConfig, parse_name
+from .hybrid import HybridConfig, HybridViT
 from .model import VisionTransformer
 from .registry import (
     FAMILIES,
@@ -28,6 +29,8 @@ from .registry import (
     parse_model_name,
 )
 from .surgery import adapt_input_conv, resample_pos_embed, sincos_pos_embed_2d
+from .swin import SwinConfig, SwinTransformer
+from .t2t import T2TConfig, T2TViT
 from .weights import UnsafeCheckpointError, adapt_state_dict, from_pretrained, load_state_dict, save_pretrained
 
 
@@ -42,7 +45,8 @@ def create_model(name: str, pretrained: str | None = None, **overrides):
 
 
 __all__ = [
-    "FAMILIES", "SIZES", "ArchConfig", "ViTConfig", "VisionTransformer", "UnsafeCheckpointError", "adapt_input_conv",
+    "FAMILIES", "SIZES", "ArchConfig", "HybridConfig", "HybridViT", "SwinConfig", "SwinTransformer", "T2TConfig",
+    "T2TViT", "ViTConfig", "VisionTransformer", "UnsafeCheckpointError", "adapt_input_conv",
     "adapt_state_dict", "arch_from_dict", "arch_to_dict", "available_models", "build_model", "config_from_name",
     "create_model", "flops_per_image", "from_pretrained", "get_family", "load_state_dict", "parse_model_name",
     "parse_name", "resample_pos_embed", "save_pretrained", "sincos_pos_embed_2d",

@@ -31,6 +31,10 @@ from .swin import NAME_HELP as SWIN_NAME_HELP
 from .swin import SwinConfig, SwinTransformer, swin_flops
 from .swin import available_models as swin_names
 from .swin import match_name as swin_match_name
+from .t2t import NAME_HELP as T2T_NAME_HELP
+from .t2t import T2TConfig, T2TViT, t2t_flops
+from .t2t import available_models as t2t_names
+from .t2t import match_name as t2t_match_name
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,6 @@ def register_family(family: Family) -> Family:
     return family
 
 
-register_family(Family(
-    "vit", ViTConfig, VisionTransformer, vit_match_name, vit_names, vit_flops,
-    "vit_<tiny|small|medium|base|large|huge>_patch<P>[_<img>] or <Ti|S|M|B|L|H>/<P>",
-))
 
 
 def get_family(name: str) -> Family:
@@ -83,9 +83,9 @@ def parse_model_name(name: str) -> tuple[Family, dict[str, Any]]:
 
 
 def config_from_name(name: str, **overrides: Any) -> ArchConfig:
-    """The named model's config with any of its family's arguments overridden (None = keep)."""
+    """The named model's config with any of its family's arguments overridden."""
     family, fields = parse_model_name(name)
-    fields.update({k: v for k, v in overrides.items() if v is not None})
+    fields.update(overrides)  # an explicit None is a value (e.g. t2t token_dim=None)
     return family.config_cls.from_dict(fields)
 
 
@@ -115,11 +115,12 @@ def available_models(family: str | None = None) -> list[str]:
     return [n for f in fams for n in f.names()]
 
 
-register_family(Family(
-    "hybrid", HybridConfig, HybridViT, hybrid_match_name, hybrid_names, hybrid_flops, HYBRID_NAME_HELP,
-))
-
-
-register_family(Family(
-    "swin", SwinConfig, SwinTransformer, swin_match_name, swin_names, swin_flops, SWIN_NAME_HELP,
-))
+# The built-in families, in the order names are matched.
+for _family in (
+    Family("vit", ViTConfig, VisionTransformer, vit_match_name, vit_names, vit_flops,
+           "vit_<tiny|small|medium|base|large|huge>_patch<P>[_<img>] or <Ti|S|M|B|L|H>/<P>"),
+    Family("hybrid", HybridConfig, HybridViT, hybrid_match_name, hybrid_names, hybrid_flops, HYBRID_NAME_HELP),
+    Family("t2t", T2TConfig, T2TViT, t2t_match_name, t2t_names, t2t_flops, T2T_NAME_HELP),
+    Family("swin", SwinConfig, SwinTransformer, swin_match_name, swin_names, swin_flops, SWIN_NAME_HELP),
+):
+    register_family(_family)

@@ -47,8 +47,11 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], src: ArchConfig, ds
     sd = dict(state_dict)
     if src.img_hw != dst.img_hw:
         sd = model_cls.adapt_img_size(sd, src, dst)
-    if src.in_chans != dst.in_chans and model_cls.first_conv in sd:
-        sd[model_cls.first_conv] = adapt_input_conv(sd[model_cls.first_conv], dst.in_chans)
+    if src.in_chans != dst.in_chans:
+        if hasattr(model_cls, "adapt_in_chans"):  # an input layer that is not one convolution (T2T-ViT)
+            sd = model_cls.adapt_in_chans(sd, src, dst)
+        elif model_cls.first_conv in sd:
+            sd[model_cls.first_conv] = adapt_input_conv(sd[model_cls.first_conv], dst.in_chans)
     if src.num_classes != dst.num_classes:
         for key in model_cls.head_keys:
             sd.pop(key, None)
