@@ -76,3 +76,28 @@ def test_registered_package_of_every_family_predicts_like_the_model(family, tmp_
         ref = model(x).softmax(-1).double().numpy()
     np.testing.assert_allclose(np.array(out["probabilities"].tolist()), ref, atol=1e-6, rtol=0)
     assert (out["error"] == "").all()
+
+
+@pytest.mark.integration
+def test_a_swin_trains_on_ray_and_its_exported_model_reloads(ray_cluster, fmnist_idx, tmp_path):
+    """A hierarchical family through Ray Train (2 DDP workers), MLflow params and export."""
+    from pipelines.prepare import prepare
+    from pipelines.train import train
+
+    store = tmp_path / "store"
+    cfg = load_config(None, [
+        f"storage.uri=file://{store}", f"data.source_dir={fmnist_idx.folder}", "data.shard_rows=60",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "model.name=swin_nano_patch2_window7_28",
+        "model.args.depths=[1,1,1]", "model.args.drop_path_rate=0.0", "train.epochs=1", "train.batch_size=32",
+        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.limit_train_batches=3", "train.run_name=swin",
+    ])
+    result = train(cfg, version=prepare(cfg))
+    assert len(result.history) == 1 and 0.0 <= result.history[0]["val_acc"] <= 1.0
+
+    model = vit_model.from_pretrained(result.model_uri.removeprefix("file://"))
+    assert type(model) is vit_model.SwinTransformer
+    assert (model.cfg.depths, model.cfg.in_chans, model.cfg.num_classes, model.cfg.img_size) == ((1, 1, 1), 1, 10, 28)
+
+    run = tracking.client(cfg).get_run(result.mlflow_run_id)
+    assert run.data.params["model.name"] == "swin_nano_patch2_window7_28"
+    assert run.data.params["model.args.depths"] == "[1, 1, 1]"
