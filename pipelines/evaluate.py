@@ -57,8 +57,9 @@ def eval_config(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
         augment = dataclasses.replace(augment, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     model = cfg.model
     size = meta.get("image_size")
-    if size and size[0] == size[1]:
-        model = dataclasses.replace(model, img_size=int(size[0]))
+    if size:  # the size the weights were trained at (model.args.img_size)
+        img_size = int(size[0]) if size[0] == size[1] else [int(size[0]), int(size[1])]
+        model = dataclasses.replace(model, args={**model.args, "img_size": img_size})
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=augment), model=model)
 
 

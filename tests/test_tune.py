@@ -28,7 +28,7 @@ def sweep_config(tmp_path: Path, fmnist_idx) -> Path:
         "storage": {"uri": f"file://{tmp_path}/store"},
         "data": {"source_dir": str(fmnist_idx.folder), "shard_rows": 100},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "model": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 7},
+        "model": {"args": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 7}},
         "train": {"epochs": 3, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 0.5, "warmup_epochs": 0.2},
         "tune": {
             "name": "sweep", "num_samples": 1, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1,
