@@ -25,11 +25,18 @@ JSON records which one each reference used. Regularisation that is active in tra
 so a ``fwd_bwd`` step does the same work in both (vit-pytorch's CCT class would otherwise
 default to attention dropout 0.1 and stochastic depth 0.1; ours default to 0).
 
+Each row also records the 1-minute load average before and after its timing: a value well above
+the thread count means other work shared the CPU and the row's numbers are noise.
+
 Peak memory: CUDA max_memory_allocated on a GPU; on the CPU the peak RSS growth of a fresh
 subprocess per measurement (one step on top of the model and input).
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--cases NAME ...] [--repeats 5] [--iters 3]
                                      [--no-memory] [--out benchmarks/results/model.json]
+
+benchmarks/results/model_families.json (2-core CPU, ~7 minutes on a quiet machine):
+
+    python benchmarks/bench_model.py --device cpu --repeats 3 --iters 2 --out benchmarks/results/model_families.json
 """
 
 from __future__ import annotations
@@ -52,10 +59,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vit_model import ArchConfig, ViTConfig, build_model, config_from_name, flops_per_image  # noqa: E402
-from vit_model.hybrid import stem_plan  # noqa: E402
-from vit_model.t2t import config_from_vit_pytorch  # noqa: E402
-
+from vit_model import ArchConfig, ViTConfig, build_model, config_from_name, flops_per_image
+from vit_model.hybrid import stem_plan
+from vit_model.t2t import config_from_vit_pytorch
 
 # ------------------------------------------------------------------------------ reference builders
 
@@ -151,21 +157,21 @@ CASES: dict[str, Case] = {
     # 28×28, 1 channel, 10 classes
     "fmnist_28_p4_d192_l6": Case(
         "vit", _vit(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6, num_heads=3),
-        ref_timm_vit, "timm VisionTransformer", {"cpu": 128, "cuda": 1024}),
+        ref_timm_vit, "timm VisionTransformer", {"cpu": 64, "cuda": 1024}),
     "vit_tiny_convstem_28": Case(
         "hybrid", _named("vit_tiny_convstem_28"), ref_timm_convstem, "timm VisionTransformer + HybridEmbed(ConvStem)",
-        {"cpu": 128, "cuda": 1024}),
+        {"cpu": 64, "cuda": 1024}),
     "cct_7_3x1_28": Case(
         "hybrid", _named("cct_7_3x1_28"), ref_vit_pytorch_cct, "vit_pytorch.cct.CCT", {"cpu": 32, "cuda": 512}),
     "t2t_vp_d256_l7_28": Case(
         "t2t", lambda: config_from_vit_pytorch(**T2T_VP_28), partial(ref_vit_pytorch_t2t, T2T_VP_28),
-        "vit_pytorch.t2t.T2TViT", {"cpu": 128, "cuda": 1024}),
+        "vit_pytorch.t2t.T2TViT", {"cpu": 64, "cuda": 1024}),
     "swin_micro_patch2_window7_28": Case(
-        "swin", _named("swin_micro_patch2_window7_28"), ref_timm_swin, "timm SwinTransformer", {"cpu": 64, "cuda": 1024}),
+        "swin", _named("swin_micro_patch2_window7_28", in_chans=1, num_classes=10), ref_timm_swin, "timm SwinTransformer", {"cpu": 64, "cuda": 1024}),
     # 224×224 RGB
     "vit_s16_224": Case(
         "vit", _vit(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=12, num_heads=6),
-        ref_timm_vit, "timm VisionTransformer", {"cpu": 8, "cuda": 128}),
+        ref_timm_vit, "timm VisionTransformer", {"cpu": 4, "cuda": 128}),
     "vit_tiny_convstem": Case(
         "hybrid", _named("vit_tiny_convstem"), ref_timm_convstem, "timm VisionTransformer + HybridEmbed(ConvStem)",
         {"cpu": 8, "cuda": 256}),
@@ -173,9 +179,9 @@ CASES: dict[str, Case] = {
         "hybrid", _named("cct_7_7x2_224"), ref_vit_pytorch_cct, "vit_pytorch.cct.CCT", {"cpu": 8, "cuda": 128}),
     "t2t_vp_d256_l7_224": Case(
         "t2t", lambda: config_from_vit_pytorch(**T2T_VP_224), partial(ref_vit_pytorch_t2t, T2T_VP_224),
-        "vit_pytorch.t2t.T2TViT", {"cpu": 4, "cuda": 64}),
+        "vit_pytorch.t2t.T2TViT", {"cpu": 2, "cuda": 64}),
     "swin_tiny_patch4_window7_224": Case(
-        "swin", _named("swin_tiny_patch4_window7_224"), ref_timm_swin, "timm SwinTransformer", {"cpu": 8, "cuda": 128}),
+        "swin", _named("swin_tiny_patch4_window7_224"), ref_timm_swin, "timm SwinTransformer", {"cpu": 4, "cuda": 128}),
 }
 
 
@@ -297,6 +303,7 @@ def main() -> None:
             "gflops_per_image": flops_per_image(ours) / 1e9,
         }
         for mode in ("fwd", "fwd_bwd"):
+            load_before = os.getloadavg()[0]  # other work on the machine shows here (ours + ref ~ threads)
             speeds = {"ours": [], "ref": []}
             for _ in range(args.repeats):
                 for impl in ("ours", "ref"):
@@ -304,6 +311,7 @@ def main() -> None:
             row = dict(info, mode=mode, ours_img_s=statistics.median(speeds["ours"]),
                        ref_img_s=statistics.median(speeds["ref"]), ours_img_s_all=speeds["ours"], ref_img_s_all=speeds["ref"])
             row["ratio"] = row["ours_img_s"] / row["ref_img_s"]
+            row["loadavg_1min"] = [load_before, os.getloadavg()[0]]  # before / after the timing
             if not args.no_memory:
                 row["ours_peak_mib"] = peak_memory_child("ours", case, mode, args.device, batch)
                 row["ref_peak_mib"] = peak_memory_child("ref", case, mode, args.device, batch)
