@@ -327,7 +327,10 @@ class WindowAttention(nn.Module):
             bias = bias + mask.unsqueeze(1)  # -> (nW, H, N, N)
         nW = bias.shape[0]
         attn = None
-        if self.fused and not return_attention:
+        # On the CPU a mask that needs a gradient (the learned bias, in training) sends SDPA to its
+        # math fallback, slower than the eager path below (bench_model: 0.92x timm): use eager then.
+        bias_grad = bias.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
+        if self.fused and not return_attention and not bias_grad:
             # window b*nW + w of the batch gets bias[w]; one bias (no mask) broadcasts as it is
             attn_mask = bias if nW == 1 else bias.expand(B_ // nW, -1, -1, -1, -1).reshape(B_, H, N, N)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype),
@@ -393,6 +396,7 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         y, attn = self._window_attention(self.norm1(x), return_attention)
         x = x + self.drop_path1(y)
+        del y  # not alive while the MLP runs (bench_model: an extra live buffer costs page faults)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))  # the MLP acts per token: (B, H, W, C) as is
         return (x, attn) if return_attention else x
 
