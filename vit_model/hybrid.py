@@ -34,7 +34,7 @@ pooling, qkv bias, LayerNorm eps 1e-6, pre-norm blocks), the CCT style is the re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 
 from .arch import ArchConfig, check, check_rates, pair
-from .files import save_pretrained
-from .layers import Block, drop_path_rates, run_checkpointed, take_indices
+from .base import TokenModel
+from .layers import Block, drop_path_rates, run_checkpointed
 from .surgery import resample_pos_embed
 
 __all__ = ["HybridConfig", "HybridViT", "available_models", "convert_cct_state_dict", "hybrid_flops", "match_name",
@@ -293,7 +293,7 @@ def sine_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ model
 
 
-class HybridViT(nn.Module):
+class HybridViT(TokenModel):
     """A conv-stem ViT or a CCT: ``HybridViT(HybridConfig(...))`` (see the module docstring)."""
 
     first_conv = "patch_embed.backbone.0.conv.weight"  # adapted when in_chans changes
@@ -431,58 +431,7 @@ class HybridViT(nn.Module):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if return_attention:
-            feats, maps = self.forward_features(x, return_attention=True)
-            return self.forward_head(feats), maps
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        return_prefix_tokens: bool = False,
-    ):
-        """Outputs of selected blocks (timm's contract).
-
-        ``indices``: an int n takes the last n blocks, a sequence takes those block indices
-        (negative allowed); None takes all. Intermediates are (B, D, h, w) over the token grid for
-        ``NCHW`` or (B, N, D) for ``NLC``; with ``return_prefix_tokens`` each is (spatial, prefix).
-        Returns the list alone with ``intermediates_only``, else (final tokens, list).
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        depth = len(self.blocks)
-        take = take_indices(indices, depth)
-        x, (h, w) = self._embed(x)
-        B = x.shape[0]
-        last = max(take) if stop_early else depth - 1
-        intermediates = []
-        for i, block in enumerate(self.blocks[: last + 1]):
-            x = run_checkpointed(block, self.grad_checkpointing, x)
-            if i in take:
-                y = self.norm(x) if norm else x
-                prefix, spatial = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
-                if output_fmt == "NCHW":
-                    spatial = spatial.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, N, D) -> (B, D, h, w)
-                intermediates.append((spatial, prefix) if return_prefix_tokens else spatial)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
     # ------------------------------------------------------------------------------- weights
-    def save_pretrained(self, directory, meta: dict | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (see :mod:`vit_model.files`)."""
-        save_pretrained(self, directory, meta=meta)
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     @staticmethod
     def adapt_img_size(state_dict: dict[str, torch.Tensor], src: HybridConfig, dst: HybridConfig) -> dict[str, torch.Tensor]:
         """Learned position embeddings of ``src``'s token grid resampled to ``dst``'s; sine ones

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .arch import ArchConfig, check, check_rates, pair
-from .files import save_pretrained
+from .base import FamilyModel
 from .layers import DropPath, Mlp, drop_path_rates, init_linear_trunc_normal, run_checkpointed, take_indices
 from .model import PatchEmbed
 
@@ -467,7 +467,7 @@ class ClassifierHead(nn.Module):
 # ------------------------------------------------------------------------------------ model
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(FamilyModel):
     """The Swin Transformer. ``SwinTransformer(SwinConfig(...))``; keys and behaviour match timm's."""
 
     first_conv = "patch_embed.proj.weight"  # adapted when in_chans changes
@@ -535,12 +535,6 @@ class SwinTransformer(nn.Module):
         """(B, h, w, C) -> (B, classes); with global_pool='' -> (B, h, w, classes)."""
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if return_attention:
-            feats, maps = self.forward_features(x, return_attention=True)
-            return self.forward_head(feats), maps
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -576,14 +570,6 @@ class SwinTransformer(nn.Module):
         return (self.norm(x) if last == num_stages - 1 else x), intermediates
 
     # ------------------------------------------------------------------------------- weights
-    def save_pretrained(self, directory, meta: dict | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (see :mod:`vit_model.files`)."""
-        save_pretrained(self, directory, meta=meta)
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     @staticmethod
     def adapt_img_size(state_dict: dict[str, torch.Tensor], src: SwinConfig, dst: SwinConfig) -> dict[str, torch.Tensor]:
         """Weights of an ``src.img_size`` model for ``dst.img_size``.

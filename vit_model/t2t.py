@@ -52,8 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .arch import ArchConfig, check, check_rates, pair
-from .files import save_pretrained
-from .layers import Block, Mlp, drop_path_rates, init_linear_trunc_normal, run_checkpointed, take_indices
+from .base import TokenModel
+from .layers import Block, Mlp, drop_path_rates, init_linear_trunc_normal, run_checkpointed
 from .surgery import adapt_input_conv, resample_pos_embed
 
 __all__ = ["T2TConfig", "T2TViT", "T2TModule", "TokenTransformer", "sinusoid_pos_embed_1d", "t2t_flops",
@@ -334,7 +334,7 @@ class T2TModule(nn.Module):
 # ---------------------------------------------------------------------------------- model
 
 
-class T2TViT(nn.Module):
+class T2TViT(TokenModel):
     """T2T-ViT. ``T2TViT(T2TConfig(...))``; see the module docstring for layouts and keys."""
 
     # The first input-channel-dependent weight; together with its LayerNorm it is adapted by
@@ -452,52 +452,7 @@ class T2TViT(nn.Module):
         x = self.head_drop(self.pool(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if return_attention:
-            feats, maps = self.forward_features(x, return_attention=True)
-            return self.forward_head(feats), maps
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        return_prefix_tokens: bool = False,
-    ):
-        """Outputs of selected backbone blocks (timm's contract): (B, D, h, w) on the final token
-        grid for ``NCHW``, (B, N, D) for ``NLC``; (spatial, class token) with ``return_prefix_tokens``."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take = take_indices(indices, len(self.blocks))
-        x, (h, w) = self._embed(x)
-        B = x.shape[0]
-        last = max(take) if stop_early else len(self.blocks) - 1
-        intermediates = []
-        for i, block in enumerate(self.blocks[: last + 1]):
-            x = run_checkpointed(block, self.grad_checkpointing, x)
-            if i in take:
-                y = self.norm(x) if norm else x
-                prefix, spatial = y[:, :1], y[:, 1:]
-                if output_fmt == "NCHW":
-                    spatial = spatial.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, N, D) -> (B, D, h, w)
-                intermediates.append((spatial, prefix) if return_prefix_tokens else spatial)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
     # ------------------------------------------------------------------------------- weights
-    def save_pretrained(self, directory, meta: dict | None = None) -> None:
-        save_pretrained(self, directory, meta=meta)
-
-    @property
-    def num_params(self) -> int:
-        """All parameters, the fixed sinusoid table included (as the paper counts)."""
-        return sum(p.numel() for p in self.parameters())
-
     @staticmethod
     def adapt_img_size(state_dict: dict[str, torch.Tensor], src: T2TConfig, dst: T2TConfig) -> dict[str, torch.Tensor]:
         """Learned position embeddings resampled to ``dst``'s token grid; the sinusoid table is
