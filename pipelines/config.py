@@ -170,6 +170,8 @@ class InferConfig:
     job_name: str | None = None
     split: str = "test"  # which split of a dataset-version input to score
     cpus_per_actor: float = 1.0  # CPUs reserved per model actor; torch threads = max(1, int(this)) on CPU
+    tta: str = "none"  # test-time augmentation for evaluate and batch inference: none | hflip (mean of the
+    # class probabilities of the image and its mirror; 2x the compute)
 
 
 @dataclass
@@ -265,6 +267,7 @@ def _refuse_moved_model_keys(data: dict[str, Any]) -> None:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO_AUGMENT = (None, "trivial", "randaugment")
+TTA_MODES = ("none", "hflip")
 
 
 def _at_least(n: float):
@@ -312,7 +315,7 @@ VALUE_CHECKS = [
     ("registry.metric", _one_of("test_acc", "test_loss")), ("registry.mode", _one_of("max", "min")),
     ("registry.margin", _at_least(0)), ("registry.log_tag_entries", _at_least(1)),
     ("infer.batch_size", _at_least(1)), ("infer.num_actors", _at_least(1)), ("infer.top_k", _at_least(1)),
-    ("infer.cpus_per_actor", _POSITIVE), ("ray.num_cpus", _optional(_at_least(1))),
+    ("infer.cpus_per_actor", _POSITIVE), ("infer.tta", _one_of(*TTA_MODES)), ("ray.num_cpus", _optional(_at_least(1))),
     ("workflow.search", _one_of("tune", "train")), ("workflow.retries", _at_least(0)),
     ("workflow.retry_backoff_s", _at_least(0)),
     ("workflow.steps", ((lambda v: set(v) <= set(WORKFLOW_STEPS)), f"must list steps from {', '.join(WORKFLOW_STEPS)}")),

@@ -79,6 +79,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+class FlipTTA(nn.Module):
+    """Horizontal-flip test-time augmentation: the mean of the class probabilities of each image and
+    its mirror, returned as log-probabilities (so ``argmax``, ``softmax`` and ``cross_entropy`` of the
+    output mean what they mean for logits). Twice the forward compute."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.model(x).float().softmax(-1) + self.model(x.flip(-1)).float().softmax(-1)  # (B, C)
+        return (probs * 0.5).log()
+
+
+def with_tta(model: nn.Module, tta: str) -> nn.Module:
+    """``model`` wrapped for the test-time augmentation ``tta`` (``none`` | ``hflip``)."""
+    if tta == "none":
+        return model
+    if tta == "hflip":
+        return FlipTTA(model)
+    raise ValueError(f"infer.tta={tta!r} is not a test-time augmentation; use none or hflip")
+
+
 def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` on ``device`` from a tuple/list or an ``{"image", "label"}`` dict."""
     if isinstance(batch, Mapping):

@@ -6,7 +6,8 @@ run's ``pipeline.model_uri`` tag) or, by default, the newest finished training r
 preprocessed exactly as at validation time, with the mean/std and size stored with the weights.
 Results: acc@1, acc@5, loss, per-class accuracy and the confusion matrix, written beside the
 model as ``evaluation-<split>.json``, logged as ``<split>_*`` metrics plus a confusion-matrix
-figure into the training's MLflow run.
+figure into the training's MLflow run. ``infer.tta: hflip`` scores the mean probabilities of each
+image and its mirror (the metrics record which).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .config import PipelineConfig
 from .data.shards import DatasetVersion, dataset_from_config
 from .data.stream import iter_local_batches
 from .engine import evaluate as evaluate_batches
+from .engine import with_tta
 from .errors import UserError, first_line
 from .plots import plot_confusion
 
@@ -41,6 +43,7 @@ class EvalResult:
     dataset_version: str
     split: str
     metrics: dict[str, float]  # <split>_acc, <split>_acc5, <split>_loss, <split>_count
+    tta: str  # test-time augmentation the metrics were measured with (infer.tta)
     per_class_acc: dict[str, float | None]
     confusion: list[list[int]]
     mlflow_run_id: str | None
@@ -66,7 +69,8 @@ def eval_config(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
 def score(model: torch.nn.Module, version, split: str, cfg: PipelineConfig, batch_size: int = 256) -> dict[str, Any]:
     """engine.evaluate over a whole split read without Ray (every row, in order)."""
     batches = iter_local_batches(version, split, cfg, batch_size=batch_size, train=False)
-    return evaluate_batches(model, batches, device=torch.device("cpu"), num_classes=version.num_classes)
+    net = with_tta(model, cfg.infer.tta)
+    return evaluate_batches(net, batches, device=torch.device("cpu"), num_classes=version.num_classes)
 
 
 def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str | None = None, split: str = "test",
@@ -100,6 +104,7 @@ def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str |
     result_uri = st.join_uri(model_uri, f"evaluation-{split}.json")
     result = EvalResult(
         model_uri=model_uri, dataset_uri=version.uri, dataset_version=version.version, split=split, metrics=metrics,
+        tta=cfg.infer.tta,
         per_class_acc=dict(zip(version.classes, raw["per_class_acc"])), confusion=raw["confusion"],
         mlflow_run_id=train_run_id, result_uri=result_uri,
     )
@@ -124,7 +129,8 @@ def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     result = evaluate(cfg, model_uri=args.model_uri, run_id=args.run_id, split=args.split)
     m = result.metrics
     acc5 = f", acc@5 {m[f'{result.split}_acc5']:.4f}" if f"{result.split}_acc5" in m else ""
-    print(f"{result.split}: acc@1 {m[f'{result.split}_acc']:.4f}{acc5}, loss {m[f'{result.split}_loss']:.4f} "
+    tta = "" if result.tta == "none" else f" (test-time augmentation: {result.tta})"
+    print(f"{result.split}{tta}: acc@1 {m[f'{result.split}_acc']:.4f}{acc5}, loss {m[f'{result.split}_loss']:.4f} "
           f"on {int(m[f'{result.split}_count'])} images")
     for name, acc in result.per_class_acc.items():
         print(f"  {name:>20s}: {acc:.4f}" if acc is not None else f"  {name:>20s}: -")

@@ -164,6 +164,8 @@ def step_key(step: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> str:
         sections["data"] = {"augment": d["data"]["augment"], "equal_shards": d["data"]["equal_shards"],
                             "shuffle": d["data"]["shuffle"]}
         sections["search"] = d["workflow"]["search"]
+    if step == "evaluate":  # the metrics depend on the test-time augmentation
+        sections["tta"] = d["infer"]["tta"]
     doc = {"step": step, "config": sections, "inputs": {u: upstream[u] for u in UPSTREAM[step]},
            "code": code_digest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
