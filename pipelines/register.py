@@ -26,11 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from vit_model import arch_from_dict, flops_per_image
+
+from . import registry_page as page
 from . import storage as st
 from . import tracking
 from .config import PipelineConfig
 from .data.shards import DatasetVersion, dataset_from_config, iter_shard_batches, load_version
-from .errors import ConfigError, RegisterError
+from .errors import ConfigError, RegisterError, redact_uri
 from .imaging import decode_png, resize_center_crop, to_channels
 from .packaging import ENTRY_FILE, find_pickles, pip_requirements, stage_code, stage_model_dir
 from .serving import ViTClassifier, input_example, model_signature
@@ -41,6 +44,8 @@ TASK = "register"
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 DECISION_TAG = "promotion.decision"
+CARD_TAG = "registry.card"  # the version's facts for its description (JSON; see pipelines.registry_page)
+ATTENTION_ARTIFACT = "attention.png"  # evaluate's attention picture, at the training run's artifact root
 LOG_TAG = "promotion.log"
 LOG_ARTIFACT = "promotion_log.json"
 LOG_TAG_MAX_CHARS = 4500
@@ -195,10 +200,11 @@ def load_registered_classifier(client: Any, name: str, version: str, cfg: Pipeli
         ) from None
 
 
-def read_promotion_log(client: Any, name: str) -> list[dict[str, Any]]:
-    """The complete promotion log of ``name``: every version's decision, oldest first."""
+def read_promotion_log(client: Any, name: str, model_versions: Iterable[Any] | None = None) -> list[dict[str, Any]]:
+    """The complete promotion log of ``name``: every version's decision, oldest first
+    (``model_versions``: the model's versions when the caller has them already)."""
     entries = []
-    for mv in client.search_model_versions(f"name = '{name}'"):
+    for mv in client.search_model_versions(f"name = '{name}'") if model_versions is None else model_versions:
         text = (mv.tags or {}).get(DECISION_TAG)
         if text:
             try:
@@ -238,7 +244,7 @@ def _flat_tags(prefix: str, metrics: Mapping[str, Any]) -> dict[str, str]:
 
 def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = None, dataset_digest: str | None = None,
              metrics: Mapping[str, Any] | None = None, test_data: TestData | None = None,
-             test_classes: Sequence[str] | None = None) -> RegisterResult:
+             test_classes: Sequence[str] | None = None, dataset: Mapping[str, Any] | None = None) -> RegisterResult:
     """Package ``model_dir_uri`` as a pyfunc model, register a new version of
     ``registry.model_name``, run the promotion gate on ``test_data`` and move the aliases.
 
@@ -248,6 +254,11 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
     ``(N, H, W[, C])`` and ints) or an iterable of such batches; it may be omitted only while
     the model has no champion. ``test_classes`` (the test split's class names) guards against
     scoring a model on another label set: candidate and champion must list the same names.
+    ``dataset`` (``name, version, digest, uri``: :func:`dataset_facts` of the test data's version)
+    goes into the version's description; it defaults to the model meta's dataset.
+
+    The registered model and the new version get Markdown descriptions (pipelines.registry_page);
+    versions whose aliases this registration moved are described again.
     """
     import mlflow
 
@@ -277,6 +288,7 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
         _check_classes("the candidate", candidate.class_names, test_classes)
 
         champion_before = _alias_version(client, name, CHAMPION)
+        candidate_before = _alias_version(client, name, CANDIDATE)
         models = {"candidate": candidate}
         if champion_before is not None:
             if test_data is None:
@@ -333,6 +345,10 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
             }
             client.set_model_version_tag(name, version, DECISION_TAG, json.dumps(entry, sort_keys=True))
             client.set_registered_model_tag(name, LOG_TAG, _recent_log_tag(client, name, entry, reg.log_tag_entries))
+            card = version_card(client, staged.config_doc, candidate.model, run_id, reg_run_id, exp_id,
+                                dataset or _meta_dataset(meta, dataset_digest))
+            client.set_model_version_tag(name, version, CARD_TAG, json.dumps(card, sort_keys=True))
+            describe(client, name, [version, champion_before, candidate_before], reg.log_tag_entries)
             tracking.log_json(client, reg_run_id, read_promotion_log(client, name), LOG_ARTIFACT)
             tracking.log_metrics(client, reg_run_id, {**{f"candidate_{k}": v for k, v in cand_scores.items()},
                                                       **{f"champion_{k}": v for k, v in (champ_scores or {}).items()}}, step=0)
@@ -347,6 +363,90 @@ def register(cfg: PipelineConfig, model_dir_uri: str, *, run_id: str | None = No
         champion_after=champion_after, decision=decision, reason=reason, candidate_metrics=dict(cand_scores),
         champion_metrics=dict(champ_scores) if champ_scores else None, run_id=reg_run_id,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Registry page: the descriptions a person browsing the registry reads
+# --------------------------------------------------------------------------------------------
+
+
+def dataset_facts(version: DatasetVersion) -> dict[str, Any]:
+    """What a version's description says about the dataset version its test metrics come from."""
+    return {"name": version.name, "version": version.version, "digest": version.manifest.get("inputs_sha256"),
+            "uri": redact_uri(version.uri)}
+
+
+def _meta_dataset(meta: Mapping[str, Any], version: str | None = None) -> dict[str, Any]:
+    ds = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+    facts = {"name": ds.get("name"), "version": version or ds.get("version"), "uri": ds.get("uri")}
+    return {k: (redact_uri(v) if k == "uri" else v) for k, v in facts.items() if v}
+
+
+def _training_run_facts(client: Any, run_id: str | None) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """(``{id, experiment_id}``, its ``model.name`` param, its attention artifact) of the training
+    run, as far as this tracking store knows the run."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None, None, None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return {"id": run_id, "experiment_id": None}, None, None
+    try:
+        attention = ATTENTION_ARTIFACT if any(f.path == ATTENTION_ARTIFACT for f in client.list_artifacts(run_id)) else None
+    except Exception as exc:  # an unreachable artifact store costs the picture, not the registration
+        log.warning("cannot list the artifacts of training run %s (%s); the description has no attention picture",
+                    run_id, type(exc).__name__)
+        attention = None
+    return {"id": run_id, "experiment_id": run.info.experiment_id}, run.data.params.get("model.name"), attention
+
+
+def version_card(client: Any, config_doc: Mapping[str, Any], model: Any, run_id: str | None, reg_run_id: str,
+                 experiment: str, dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """The facts a version's description shows (see pipelines.registry_page), all JSON."""
+    arch = arch_from_dict(dict(config_doc))
+    meta = dict(config_doc.get("meta") or {})
+    training_run, model_name, attention = _training_run_facts(client, run_id)
+    return {
+        "family": arch.family, "model_name": model_name or meta.get("model_name"),
+        "num_params": int(sum(p.numel() for p in model.parameters())), "flops_per_image": float(flops_per_image(arch)),
+        "image_size": list(arch.img_hw), "channels": arch.in_chans, "num_classes": arch.num_classes,
+        "dataset": {k: v for k, v in dataset.items() if v}, "trained_on": _meta_dataset(meta),
+        "training_run": training_run, "registration_run": {"id": reg_run_id, "experiment_id": experiment},
+        "attention": attention,
+    }
+
+
+def _json_tag(tags: Mapping[str, str], key: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(tags[key]) if key in tags else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def describe(client: Any, name: str, versions: Iterable[str | None], rows: int = 20) -> None:
+    """Set the Markdown descriptions of registered model ``name`` and of ``versions`` (None and
+    repeats skipped) from their ``promotion.decision``/``registry.card`` tags and today's aliases.
+    A version registered before descriptions existed (no decision tag) is left as it is."""
+    found = {str(mv.version): mv for mv in client.search_model_versions(f"name = '{name}'")}
+    entries = read_promotion_log(client, name, found.values())
+    aliases = {str(k): str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+    for version in dict.fromkeys(str(v) for v in versions if v is not None):
+        mv = found.get(version)
+        entry = _json_tag(mv.tags or {}, DECISION_TAG) if mv is not None else None
+        if entry is None:
+            continue
+        replaced_by = [e.get("candidate_version") for e in entries
+                       if str(e.get("champion_before")) == version and e.get("decision") == "promoted"]
+        status = {"aliases": sorted(a for a, v in aliases.items() if v == version),
+                  "replaced_by": replaced_by[-1] if replaced_by else None}
+        card = _json_tag(mv.tags or {}, CARD_TAG) or {}
+        client.update_model_version(name, version, description=page.version_markdown(entry, card, status))
+    champion = aliases.get(CHAMPION)
+    champion_card = _json_tag(found[champion].tags or {}, CARD_TAG) if champion in found else None
+    client.update_registered_model(name, description=page.model_markdown(name, entries, aliases, champion_card, rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +482,8 @@ def register_from_workflow(cfg: PipelineConfig, *, model_uri: str, dataset_uri: 
     if "test" not in version.splits:
         raise RegisterError(f"dataset {version.uri} has no test split; prepare it with data.test_fraction > 0")
     result = register(cfg, model_uri, run_id=run_id, dataset_digest=version.version, metrics=metrics,
-                      test_data=split_batches(version, cfg), test_classes=version.classes)
+                      test_data=split_batches(version, cfg), test_classes=version.classes,
+                      dataset=dataset_facts(version))
     return {**result.to_dict(), "champion_version": result.champion_after}
 
 
@@ -407,7 +508,8 @@ def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         raise RegisterError(f"dataset {version.uri} has no test split; prepare it with data.test_fraction > 0")
     started = time.monotonic()
     result = register(cfg, model_dir, run_id=run_id, dataset_digest=version.version,
-                      test_data=split_batches(version, cfg), test_classes=version.classes)
+                      test_data=split_batches(version, cfg), test_classes=version.classes,
+                      dataset=dataset_facts(version))
     m = result.candidate_metrics.get(cfg.registry.metric)
     shown = f" {cfg.registry.metric} {m:.4f}" if m is not None else ""
     before = f"v{result.champion_before}" if result.champion_before else "none"
