@@ -20,13 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines import registry_page as page
 from pipelines import tracking
 from pipelines.config import load_config
 from pipelines.errors import RegisterError, UserError
 from pipelines.packaging import find_pickles, stage_model_dir
 from pipelines.register import gate, register
 from pipelines.serving import PreprocessSpec, ViTClassifier, decode_image_bytes
-from vit_model import VisionTransformer, ViTConfig, from_pretrained
+from vit_model import VisionTransformer, ViTConfig, flops_per_image, from_pretrained
 
 MEAN, STD = (0.3,), (0.35,)
 CLASSES = ["ankle", "bag", "coat"]  # sorted, as prepare orders ImageFolder classes
@@ -79,6 +80,18 @@ def plant_pickles(folder: Path, marker: Path) -> None:
     payload = pickle.dumps(_Plant(marker), protocol=4)
     (folder / "evil.pkl").write_bytes(payload)
     (folder / "pytorch_model.bin").write_bytes(payload)
+
+
+def training_run(cfg, tmp: Path) -> str:
+    """A finished MLflow training run with a ``model.name`` param and an ``attention.png`` artifact
+    (a small stand-in for the picture evaluate logs)."""
+    client = tracking.client(cfg)
+    run_id, _ = tracking.start_or_resume_run(cfg, "train-a", "train", mlflow_client=client)
+    client.log_param(run_id, "model.name", "vit_tiny_patch7")
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp / "attention.png")
+    client.log_artifact(run_id, str(tmp / "attention.png"))
+    tracking.end_run(client, run_id)
+    return run_id
 
 
 def cfg_for(tmp: Path, *overrides: str):
@@ -207,8 +220,9 @@ def registry(tmp_path_factory):
     dirs = {k: make_model_dir(tmp / k, fav, seed) for k, fav, seed in (("A", 2, 1), ("B", 0, 2), ("C", 1, 3))}
     marker = tmp / "pwned"
     plant_pickles(dirs["C"], marker)
+    train_a = training_run(cfg, tmp)
     results = {
-        "A": register(cfg, str(dirs["A"]), run_id="run-a", metrics={"val_acc": 0.1}, test_data=data),
+        "A": register(cfg, str(dirs["A"]), run_id=train_a, metrics={"val_acc": 0.1}, test_data=data),
         "B": register(cfg, f"file://{dirs['B']}", run_id="run-b", metrics={"val_acc": 0.6}, test_data=data),
         # C's test data arrives as an iterator of batches, as the CLI streams the test split
         "C": register(cfg, str(dirs["C"]), run_id="run-c", test_data=iter([(data[0][:16], data[1][:16]),
@@ -217,7 +231,7 @@ def registry(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with tracking.fluent_tracking(uri, uri):
         yield {"cfg": cfg, "tmp": tmp, "dirs": dirs, "data": data, "results": results, "marker": marker,
-               "client": MlflowClient(uri, uri)}
+               "client": MlflowClient(uri, uri), "train_a": train_a}
 
 
 @pytest.mark.integration
@@ -258,6 +272,61 @@ class TestRegistry:
         run_log = Path(client.download_artifacts(registry["results"]["C"].run_id, "promotion_log.json",
                                                  str(registry["tmp"] / "runlog")))
         assert json.loads(run_log.read_text()) == full
+
+    def test_version_descriptions(self, registry):
+        """Each version's Markdown: its numbers beside the champion's, the decision, what it is now
+        (v1 was re-described when v2 took @champion from it), the model, data, runs and picture."""
+        from pipelines.register import CARD_TAG
+
+        client, train_a = registry["client"], registry["train_a"]
+        exp = client.get_run(train_a).info.experiment_id
+        v1, v2, v3 = (client.get_model_version("vit-test", v).description for v in ("1", "2", "3"))
+        params = sum(p.numel() for p in VisionTransformer(ARCH).parameters())
+
+        assert v1.startswith("First version: test_acc 0.1000; no champion to beat, so it became champion.\n\n"
+                             "**Now:** former champion, replaced by v2.\n\n"
+                             "**Gate decision:** first champion — no champion yet: the first registered version becomes champion\n")
+        assert "| metric | v1 (this version) |\n|---|---|\n| **`test_acc`** (gate) | 0.1000 |\n" in v1
+        assert (f"| family | `vit` |\n| model name | `vit_tiny_patch7` |\n| parameters | {params:,} ({page.si(params)}) |\n"
+                f"| FLOPs / image | {page.si(flops_per_image(ARCH), 'FLOPs')} (forward) |\n"
+                "| input | 28×28 pixels, 1 channel |\n| classes | 3 |\n") in v1
+        assert "| dataset | `synthetic` |\n| version | `digest-123` |\n" in v1
+        assert f"| training run | [`{train_a}`](#/experiments/{exp}/runs/{train_a}) |" in v1
+        assert f"![attention maps of v1](get-artifact?path=attention.png&run_uuid={train_a})" in v1
+
+        assert v2.startswith("Promoted: test_acc 0.6000 vs 0.1000 of champion v1.\n\n"
+                             "**Now:** `@champion` — serves as the champion.\n\n"
+                             "**Gate decision:** promoted — promoted: candidate test_acc 0.600000 vs champion v1 0.100000")
+        assert ("| metric | v2 (this version) | [v1](#/models/vit-test/versions/1) (champion at the gate) | difference |\n"
+                "|---|---|---|---|\n| **`test_acc`** (gate) | 0.6000 | 0.1000 | +0.5000 |\n") in v2
+        assert "| training run | `run-b` (not in this tracking store) |" in v2  # a run id from elsewhere: no link
+        assert "get-artifact" not in v2  # its training run has no attention picture here
+
+        assert v3.startswith("Not promoted: test_acc 0.3000 vs 0.6000 of champion v2.\n\n"
+                             "**Now:** `@candidate` — not promoted; the champion stayed v2.\n\n"
+                             "**Gate decision:** not promoted — kept champion: candidate test_acc 0.300000 vs champion v2 0.600000")
+        assert "| **`test_acc`** (gate) | 0.3000 | 0.6000 | −0.3000 |\n" in v3
+        card = json.loads(client.get_model_version("vit-test", "3").tags[CARD_TAG])
+        assert (card["family"], card["num_params"], card["image_size"], card["attention"]) == ("vit", params, [28, 28], None)
+        assert card["registration_run"] == {"id": registry["results"]["C"].run_id, "experiment_id": exp}
+
+    def test_model_description(self, registry):
+        text = registry["client"].get_registered_model("vit-test").description
+        r = registry["results"]
+        assert "Image classifier: a vit-family Vision Transformer" in text
+        assert 'Load the champion: `mlflow.pyfunc.load_model("models:/vit-test@champion")`.' in text
+        assert "### Champion: [v2](#/models/vit-test/versions/2)\n" in text
+        assert "| **`test_acc`** (gate) | 0.6000 |\n| `test_count` | 30 |\n" in text
+        assert "| dataset | `synthetic` `digest-123` |\n" in text
+        assert "Newest version (`@candidate`): [v3](#/models/vit-test/versions/3).\n" in text
+        rows = [line for line in text.splitlines() if line.startswith("| 20")]  # the promotions table, newest first
+        assert len(rows) == 3 and "### Last promotions (newest first, 3 of 3)" in text
+        for row, (key, mine, theirs, decision) in zip(rows, [("C", "0.3000", "0.6000 (v2)", "kept"),
+                                                            ("B", "0.6000", "0.1000 (v1)", "promoted"),
+                                                            ("A", "0.1000", "—", "first")]):
+            version = r[key].version
+            assert f" | [v{version}](#/models/vit-test/versions/{version}) | {mine} | {theirs} | **{decision}** | " in row
+            assert row.endswith(f" | {r[key].reason} |")
 
     def test_champion_loads_and_matches_the_checkpoint(self, registry, monkeypatch):
         import mlflow
@@ -351,6 +420,9 @@ class TestRegistry:
         assert "vs champion v1 0.666667" in out
         tags = registry["client"].get_model_version(model_name, "2").tags
         assert tags["dataset_digest"] == version.version and tags["training_run_id"] == "run-cli"
+        described = registry["client"].get_model_version(model_name, "2").description  # the gate's dataset version
+        assert (f"| dataset | `tiny` |\n| version | `{version.version}` |\n"
+                f"| digest (sha256) | `{version.manifest['inputs_sha256']}` |\n| URI | `{version.uri}` |\n") in described
 
         # a model whose classes are not the test split's is refused before anything is registered
         other = tmp / "other"
