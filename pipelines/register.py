@@ -6,7 +6,8 @@ Packaging (safetensors + code, never pickle) is :mod:`pipelines.packaging`. The 
 candidate and the current ``@champion`` on the same test split, each with its own packaged
 preprocessing, and moves ``@champion`` only when ``registry.metric`` improves by more than
 ``registry.margin``; ``@candidate`` always moves. Every decision is logged in the registry
-(version tag, model tag, run artifact). Details: docs/registry.md.
+(version tag, model tag, run artifact), and the model and its versions get Markdown descriptions
+(:mod:`pipelines.registry_page`). Details: docs/registry.md.
 """
 
 from __future__ import annotations
