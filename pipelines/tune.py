@@ -5,7 +5,8 @@
 Each trial is a function trainable that calls :func:`pipelines.trainer.fit` with
 ``TuneReportCallback`` (Train V2), so every epoch reaches the scheduler. ``tune.space`` maps
 dotted config keys to one sampler each (``loguniform``, ``uniform``, ``quniform``, ``randint``,
-``choice``, ``grid``); unknown keys are refused before anything starts. One parent MLflow run
+``choice``, ``grid``); unknown keys are refused before anything starts. ``model`` itself may be a
+``choice``/``grid`` of whole model sections, so one sweep compares families. One parent MLflow run
 per sweep, one nested child run per trial; ``--resume`` continues an interrupted sweep from its
 state on storage. The best trial goes to ``<storage>/tune/<name>/best.json``. See docs/training.md.
 """
@@ -79,14 +80,12 @@ def param_space(cfg: PipelineConfig) -> dict[str, Any]:
         if not isinstance(args, list) or not args:
             raise ConfigError(f"tune.space.{key}.{kind} needs a list of values, got {args!r}")
         args = [number_or_text(a) for a in args]  # YAML 1.1 reads 1e-4 as text
-        example = args[0]
-        try:  # the key must exist and take this kind of value
-            trial_cfg = load_config(None, [f"{key}={_yaml_scalar(example)}"])
-            if key.startswith("model."):
-                check_model_settings(dataclasses.replace(trial_cfg, model=dataclasses.replace(
-                    cfg.model, args={**cfg.model.args, **trial_cfg.model.args})))
-        except ConfigError as exc:
-            raise ConfigError(f"tune.space key {key!r} is not usable: {exc}") from None
+        if key == "model" and kind not in ("choice", "grid"):
+            raise ConfigError(f"tune.space.model.{kind}: a whole model is picked with choice or grid, "
+                              "e.g. model: {choice: [{name: vit_tiny_patch4, args: {embed_dim: 64}}, ...]}")
+        # a value of each kind is checked; every candidate model is checked in full
+        for example in (args if key.startswith("model") and kind in ("choice", "grid") else args[:1]):
+            _check_space_value(cfg, key, example)
         if kind == "loguniform":
             out[key] = tune.loguniform(*args)
         elif kind == "uniform":
@@ -96,19 +95,53 @@ def param_space(cfg: PipelineConfig) -> dict[str, Any]:
         elif kind == "randint":
             out[key] = tune.randint(*args)
         elif kind == "choice":
-            out[key] = tune.choice(args)
+            out[key] = tune.choice(list(model_choices(args)) if key == "model" else args)
         else:
-            out[key] = tune.grid_search(args)
+            out[key] = tune.grid_search(list(model_choices(args)) if key == "model" else args)
     return out
+
+
+def model_choices(sections: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Labels for the whole-model candidates of ``tune.space.model``: the model name, or
+    ``NAME#i`` when a name appears more than once. Searchers sample the label (Optuna takes only
+    plain values); :func:`overrides_of` turns it back into the model section."""
+    names = [str(m.get("name")) for m in sections]
+    return {(n if names.count(n) == 1 else f"{n}#{i}"): m for i, (n, m) in enumerate(zip(names, sections))}
+
+
+def _check_space_value(cfg: PipelineConfig, key: str, value: Any) -> None:
+    """Refuse a space value no trial could use: unknown key, wrong type, or a model that cannot be
+    built. ``model`` values are whole model sections ({name, args, pretrained}) that replace the
+    config's; ``model.args.*`` values are merged into the config's ``model.args``."""
+    if key == "model" and not isinstance(value, dict):
+        raise ConfigError(f"tune.space key 'model' is not usable: {value!r} is not a model section; "
+                          "give {name: MODEL, args: {...}}")
+    try:  # the key must exist and take this kind of value
+        trial_cfg = load_config(None, [f"{key}={_yaml_scalar(value)}"])
+        if key == "model":
+            check_model_settings(dataclasses.replace(cfg, model=trial_cfg.model))
+        elif key.startswith("model."):
+            check_model_settings(dataclasses.replace(trial_cfg, model=dataclasses.replace(
+                cfg.model, args={**cfg.model.args, **trial_cfg.model.args})))
+    except ConfigError as exc:
+        raise ConfigError(f"tune.space key {key!r} is not usable: {exc}") from None
 
 
 def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def overrides_of(sampled: dict[str, Any]) -> list[str]:
-    """A trial's sampled values as ``key=value`` overrides."""
-    return [f"{k}={_yaml_scalar(v)}" for k, v in sampled.items()]
+def overrides_of(sampled: dict[str, Any], space: dict[str, Any]) -> list[str]:
+    """A trial's sampled values as ``key=value`` overrides (a ``model`` label as its whole section,
+    first, so that ``model.args.*`` keys sampled beside it refine it)."""
+    out = []
+    for key, value in sampled.items():
+        if key == "model":
+            sections = next(iter(space["model"].values()))
+            out.insert(0, f"model={_yaml_scalar(model_choices(sections)[value])}")
+        else:
+            out.append(f"{key}={_yaml_scalar(value)}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +154,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = config_from_dict(base, overrides_of(config))
+    cfg = config_from_dict(base, overrides_of(config, base["tune"]["space"]))
     trial_id = tune.get_context().get_trial_id()
     version = load_version(version_uri, cfg.storage)
     fit(cfg, version, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
@@ -334,7 +367,7 @@ def _export_best(cfg: PipelineConfig, best: dict[str, Any], checkpoint_path: str
     ckpt_uri = checkpoint_uri(cfg, checkpoint_path)
     if ckpt_uri is None:
         raise UserError(f"best trial {best['trial_id']} reported no checkpoint; cannot export its model")
-    trial_cfg = config_from_dict(to_dict(cfg), overrides_of(best["config"]))
+    trial_cfg = config_from_dict(to_dict(cfg), overrides_of(best["config"], cfg.tune.space))
     spec = make_spec(trial_cfg, version, best.get("run_id"))
     with tempfile.TemporaryDirectory() as tmp:
         state = st.download_dir(st.join_uri(ckpt_uri, "state"), tmp, cfg.storage)

@@ -101,3 +101,38 @@ def test_a_swin_trains_on_ray_and_its_exported_model_reloads(ray_cluster, fmnist
     run = tracking.client(cfg).get_run(result.mlflow_run_id)
     assert run.data.params["model.name"] == "swin_nano_patch2_window7_28"
     assert run.data.params["model.args.depths"] == "[1, 1, 1]"
+
+
+@pytest.mark.integration
+def test_an_optuna_asha_sweep_over_families(ray_cluster, fmnist_idx, tmp_path):
+    """``tune.space.model`` picks whole models: each trial's MLflow run and the exported best model
+    are of the family its sampled label names (Optuna samples labels; trials expand them)."""
+    import json
+
+    from pipelines.prepare import prepare
+    from pipelines.tune import model_choices, tune
+
+    sections = [{"name": SMALL[f][0], "args": dict(o.removeprefix("model.args.").split("=") for o in SMALL[f][1])}
+                for f in ("vit", "hybrid")]
+    for section in sections:
+        section["args"] = {k: int(v) for k, v in section["args"].items()}
+    cfg = load_config(None, [
+        f"storage.uri=file://{tmp_path}/store", f"data.source_dir={fmnist_idx.folder}", "data.shard_rows=60",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "train.epochs=2", "train.batch_size=32",
+        "train.num_workers=1", "train.cpus_per_worker=1", "train.limit_train_batches=3", "train.warmup_epochs=0.2",
+        "tune.name=families", "tune.search=optuna", "tune.num_samples=2", "tune.grace_period=1",
+        "tune.max_concurrent_trials=1", f"tune.space={json.dumps({'model': {'choice': sections}, 'train.lr': {'loguniform': [1e-3, 3e-3]}})}",
+    ])
+    result = tune(cfg, version=prepare(cfg))
+    labels = model_choices(sections)
+    client = tracking.client(cfg)
+    assert len(result.trials) == 2
+    for trial in result.trials:
+        section = labels[trial["config"]["model"]]
+        params = client.get_run(trial["run_id"]).data.params
+        assert params["model.name"] == section["name"]
+        assert params["model.args.embed_dim"] == str(section["args"]["embed_dim"])
+    best = labels[result.best_config["model"]]
+    model = vit_model.from_pretrained(result.model_uri.removeprefix("file://"))
+    assert model.cfg.embed_dim == best["args"]["embed_dim"]
+    assert vit_model.registry.family_of(model.cfg) is vit_model.registry.parse_model_name(best["name"])[0]

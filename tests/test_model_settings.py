@@ -83,3 +83,42 @@ def test_every_family_builds_from_a_pipeline_config_and_round_trips(name):
     torch.manual_seed(0)
     model = vit_model.build_model(arch)
     assert type(model) is vit_model.get_family(arch.family).model_cls and model.cfg.num_classes == 10
+
+
+MODEL_CHOICE = ("tune.space={model: {choice: ["
+                "{name: vit_tiny_patch7, args: {embed_dim: 16, depth: 1, num_heads: 2}}, "
+                "{name: cct_7_3x1_28, args: {embed_dim: 32, depth: 1, num_heads: 2}}, "
+                "{name: vit_tiny_patch7, args: {embed_dim: 32, depth: 1, num_heads: 2}}]}, "
+                "'train.lr': {loguniform: [1e-4, 1e-3]}}")
+
+
+def test_tune_space_model_choice_samples_labels_and_expands_to_whole_sections():
+    from ray.tune.search.sample import Categorical
+
+    from pipelines.tune import overrides_of
+
+    cfg = load_config(None, [MODEL_CHOICE])
+    space = param_space(cfg)
+    assert isinstance(space["model"], Categorical)
+    assert space["model"].categories == ["vit_tiny_patch7#0", "cct_7_3x1_28", "vit_tiny_patch7#2"]
+    overrides = overrides_of({"train.lr": 3e-4, "model": "cct_7_3x1_28"}, cfg.tune.space)
+    assert overrides[0].startswith("model=") and overrides[1] == "train.lr=0.0003"
+    trial = load_config(None, [MODEL_CHOICE, *overrides])
+    assert trial.model.name == "cct_7_3x1_28" and trial.model.args == {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    assert trial.train.lr == 3e-4
+    second = load_config(None, [MODEL_CHOICE, *overrides_of({"model": "vit_tiny_patch7#2"}, cfg.tune.space)])
+    assert (second.model.name, second.model.args["embed_dim"]) == ("vit_tiny_patch7", 32)
+
+
+@pytest.mark.parametrize("space, message", [
+    ("tune.space={model: {choice: [{name: vit_tiny_patch7}, {name: cct_7_3x1_28, args: {dpth: 2}}]}}",
+     r"^tune.space key 'model' is not usable: model.args.dpth is not an argument of cct_7_3x1_28 \(hybrid family\)"),
+    ("tune.space={model: {choice: [{name: vit_tiny_patch7}, {name: no_such_model}]}}",
+     r"^tune.space key 'model' is not usable: .*no_such_model"),
+    ("tune.space={model: {choice: [vit_tiny_patch7]}}",
+     r"^tune.space key 'model' is not usable: 'vit_tiny_patch7' is not a model section; give \{name: MODEL"),
+    ("tune.space={model: {uniform: [0, 1]}}", r"^tune.space.model.uniform: a whole model is picked with choice or grid"),
+])
+def test_tune_space_model_choice_refuses_what_no_trial_could_build(space, message):
+    with pytest.raises(ConfigError, match=message):
+        param_space(load_config(None, [space]))
