@@ -1,0 +1,171 @@
+"""Attention pictures: the rollout against a hand-computed example, the heatmap of every
+registered family, evaluate's ``attention.png`` in a real MLflow run, and ``infer.explain``
+writing one overlay per row through real Ray."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vit_model
+from vit_model.explain import attention_heatmap, attention_rollout, explain
+from vit_model.swin import SwinBlock, window_attention_to_dense, window_token_index
+
+# --------------------------------------------------------------------------------------------
+# The rollout itself
+# --------------------------------------------------------------------------------------------
+
+# Two layers, two heads, two tokens; maps are (B=1, heads=2, T=2, T=2).
+LAYER1 = torch.tensor([[[[0.5, 0.5], [0.5, 0.5]],
+                        [[0.5, 0.5], [0.1, 0.9]]]])
+LAYER2 = torch.tensor([[[[0.2, 0.8], [0.6, 0.4]],
+                        [[0.2, 0.8], [0.6, 0.4]]]])
+
+
+def test_rollout_matches_a_two_layer_example_by_hand():
+    # layer 1: mean over heads          = [[0.5, 0.5], [0.3, 0.7]]
+    #          + identity               = [[1.5, 0.5], [0.3, 1.7]]   (rows sum to 2)
+    #          rows normalised  Â1      = [[0.75, 0.25], [0.15, 0.85]]
+    # layer 2: mean over heads          = [[0.2, 0.8], [0.6, 0.4]]
+    #          + identity, normalised Â2 = [[0.6, 0.4], [0.3, 0.7]]
+    # rollout  R = Â2 @ Â1:
+    #   R[0,0] = 0.6*0.75 + 0.4*0.15 = 0.45 + 0.06  = 0.51
+    #   R[0,1] = 0.6*0.25 + 0.4*0.85 = 0.15 + 0.34  = 0.49
+    #   R[1,0] = 0.3*0.75 + 0.7*0.15 = 0.225 + 0.105 = 0.33
+    #   R[1,1] = 0.3*0.25 + 0.7*0.85 = 0.075 + 0.595 = 0.67
+    expected = torch.tensor([[[0.51, 0.49], [0.33, 0.67]]])
+    torch.testing.assert_close(attention_rollout([LAYER1, LAYER2]), expected)
+    # the order matters: Â1 @ Â2 = [[0.525, 0.475], [0.345, 0.655]] is not the rollout
+    assert not torch.allclose(attention_rollout([LAYER2, LAYER1]), expected)
+
+
+def test_rollout_options_by_hand():
+    # no residual: R = A2 @ A1 with head means A1 = [[0.5, 0.5], [0.3, 0.7]], A2 = [[0.2, 0.8], [0.6, 0.4]]
+    #   R = [[0.2*0.5 + 0.8*0.3, 0.2*0.5 + 0.8*0.7], [0.6*0.5 + 0.4*0.3, 0.6*0.5 + 0.4*0.7]]
+    #     = [[0.34, 0.66], [0.42, 0.58]]
+    torch.testing.assert_close(attention_rollout([LAYER1, LAYER2], add_residual=False),
+                               torch.tensor([[[0.34, 0.66], [0.42, 0.58]]]))
+    # max over heads of layer 1 = [[0.5, 0.5], [0.5, 0.9]]; + I = [[1.5, 0.5], [0.5, 1.9]];
+    # normalised = [[0.75, 0.25], [0.5/2.4, 1.9/2.4]]
+    torch.testing.assert_close(attention_rollout([LAYER1], head_fusion="max"),
+                               torch.tensor([[[0.75, 0.25], [0.5 / 2.4, 1.9 / 2.4]]]))
+    with pytest.raises(ValueError, match="head_fusion must be one of"):
+        attention_rollout([LAYER1], head_fusion="median")
+    with pytest.raises(ValueError, match="at least one layer"):
+        attention_rollout([])
+
+
+def test_rollout_rows_sum_to_one_and_discard_keeps_the_diagonal():
+    torch.manual_seed(0)
+    maps = [torch.rand(2, 3, 7, 7).softmax(-1) for _ in range(4)]
+    for kwargs in ({}, {"add_residual": False}, {"discard_ratio": 0.5}, {"head_fusion": "min"}):
+        r = attention_rollout(maps, **kwargs)
+        assert r.shape == (2, 7, 7) and (r >= 0).all()
+        torch.testing.assert_close(r.sum(-1), torch.ones(2, 7))
+    # discarding every off-diagonal entry but the diagonal leaves the identity
+    torch.testing.assert_close(attention_rollout(maps[:1], discard_ratio=6 / 7 + 1e-6), torch.eye(7).expand(2, 7, 7))
+
+
+# --------------------------------------------------------------------------------------------
+# Swin: window attention back on the grid
+# --------------------------------------------------------------------------------------------
+
+
+def test_window_token_index_of_a_shifted_window_by_hand():
+    # 4x4 grid, 2x2 windows shifted by (1, 1): after torch.roll by -1, rolled position (y, x) holds
+    # original ((y+1) % 4, (x+1) % 4). Window 0 holds rolled (0,0),(0,1),(1,0),(1,1) = original
+    # (1,1),(1,2),(2,1),(2,2) = indices 5, 6, 9, 10; window 3 (rolled rows/cols 2-3) holds
+    # original (3,3),(3,0),(0,3),(0,0) = 15, 12, 3, 0.
+    idx = window_token_index((4, 4), (2, 2), (1, 1))
+    assert idx.shape == (4, 4)
+    assert idx[0].tolist() == [5, 6, 9, 10] and idx[3].tolist() == [15, 12, 3, 0]
+    assert sorted(idx.flatten().tolist()) == list(range(16))
+    # a 3x3 grid in 2x2 windows is padded to 4x4: padding positions are -1
+    padded = window_token_index((3, 3), (2, 2), (0, 0))
+    assert (padded == -1).sum() == 7 and sorted(padded[padded >= 0].tolist()) == list(range(9))
+
+
+def test_dense_window_attention_reproduces_the_block_output():
+    # With the output projection set to the identity, the block's shifted-window attention output
+    # at each token equals the dense (T, T) matrix applied to the values on the unshifted grid.
+    torch.manual_seed(0)
+    block = SwinBlock(8, 2, window=(4, 4), shift=(2, 2), resolution=(8, 8)).eval()
+    with torch.no_grad():
+        block.attn.proj.weight.copy_(torch.eye(8))
+        block.attn.proj.bias.zero_()
+        block.attn.relative_position_bias_table.normal_()
+        x = block.norm1(torch.randn(1, 8, 8, 8))
+        y, attn = block._window_attention(x, return_attention=True)
+        v = block.attn.qkv(x)[..., 16:].reshape(1, 64, 2, 4).transpose(1, 2)  # (1, heads, T, Dh), grid order
+    dense = window_attention_to_dense(attn, (8, 8), (4, 4), (2, 2))
+    assert dense.shape == (1, 2, 64, 64)
+    torch.testing.assert_close(dense.sum(-1), torch.ones(1, 2, 64))  # no padding: every row is complete
+    expected = (dense @ v).transpose(1, 2).reshape(1, 8, 8, 8)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Every family
+# --------------------------------------------------------------------------------------------
+
+# tiny 28x28 grey models; a registered family without an entry fails test_every_family_is_covered
+TINY = {
+    "vit": [("vit_tiny_patch7", dict(img_size=28, in_chans=1, embed_dim=16, depth=2, num_heads=2)),
+            ("vit_tiny_patch7", dict(img_size=28, in_chans=1, embed_dim=16, depth=2, num_heads=2, reg_tokens=2,
+                                     global_pool="avg"))],
+    "hybrid": [("vit_tiny_convstem_28", dict(embed_dim=16, depth=2, num_heads=2)),
+               ("vit_tiny_convstem_28", dict(embed_dim=16, depth=2, num_heads=2, class_token=False, global_pool="avg")),
+               ("cct_7_3x1_28", dict(embed_dim=16, depth=2, num_heads=2))],
+    "t2t": [("t2t_vit_7_28", dict(embed_dim=16, depth=2, num_heads=2, token_dim=8))],
+    "swin": [("swin_nano_patch2_window7_28", dict(depths=(1, 1, 1), drop_path_rate=0.0)),
+             # one stage of 14x14 tokens in 4x4 windows: padded to 16x16, every second block shifted
+             ("swin_nano_patch2_window7_28", dict(depths=(2,), num_heads=(2,), window_size=4, drop_path_rate=0.0))],
+}
+CASES = [(family, name, args) for family, cases in TINY.items() for name, args in cases]
+
+
+def test_every_family_is_covered():
+    assert set(TINY) == set(vit_model.FAMILIES)
+
+
+@pytest.mark.parametrize(("family", "name", "args"), CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_heatmap_of_every_family(family, name, args):
+    torch.manual_seed(0)
+    model = vit_model.create_model(name, num_classes=3, **args)
+    assert model.cfg.family == family
+    x = torch.randn(2, model.cfg.in_chans, 28, 28)
+    model.train()  # explain runs in eval mode and restores the mode
+    out = explain(model, x)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(x))  # the same forward, not another model
+    heat = out.heatmap
+    assert heat.shape == (2, 28, 28) and torch.isfinite(heat).all()
+    assert heat.min() >= 0 and heat.max() <= 1 and heat.flatten(1).amax(1).eq(1).all()  # min-max per image
+    torch.testing.assert_close(attention_heatmap(model, x), heat)
+
+
+def test_class_token_row_is_what_a_token_pooled_vit_reads():
+    # One block, one head: the heatmap of a token-pooled ViT is the class token's row of
+    # (A + I) / 2 over the patch columns, upsampled. Checked through the per-token grid.
+    torch.manual_seed(0)
+    model = vit_model.create_model("vit_tiny_patch14", img_size=28, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+                                   num_heads=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        _, maps = model.forward_features(x, return_attention=True)
+        rel = model.attention_relevance(x)
+    a = maps[0][0, 0]  # (5, 5): class token + 2x2 patches
+    expected = ((a + torch.eye(5)) / 2)[0, 1:].reshape(1, 2, 2)
+    torch.testing.assert_close(rel.grid, expected)
+    assert rel.extent == (28, 28)
+
+
+def test_a_model_without_the_hook_is_refused():
+    with pytest.raises(TypeError, match="has no attention_relevance"):
+        explain(torch.nn.Linear(2, 2), torch.zeros(1, 2))
