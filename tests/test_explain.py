@@ -5,6 +5,7 @@ writing one overlay per row through real Ray."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,12 @@ import torch
 from PIL import Image
 
 import vit_model
+from pipelines import storage as st
+from pipelines import tracking
+from pipelines.attention import ATTENTION_PNG, attention_png, fixed_sample
+from pipelines.config import load_config
+from pipelines.data.shards import read_split
+from pipelines.plots import overlay_png, overlay_rgb
 from vit_model.explain import attention_heatmap, attention_rollout, explain
 from vit_model.swin import SwinBlock, window_attention_to_dense, window_token_index
 
@@ -121,9 +128,10 @@ TINY = {
                ("vit_tiny_convstem_28", dict(embed_dim=16, depth=2, num_heads=2, class_token=False, global_pool="avg")),
                ("cct_7_3x1_28", dict(embed_dim=16, depth=2, num_heads=2))],
     "t2t": [("t2t_vit_7_28", dict(embed_dim=16, depth=2, num_heads=2, token_dim=8))],
-    "swin": [("swin_nano_patch2_window7_28", dict(depths=(1, 1, 1), drop_path_rate=0.0)),
+    "swin": [("swin_nano_patch2_window7_28", dict(in_chans=1, depths=(1, 1, 1), drop_path_rate=0.0)),
              # one stage of 14x14 tokens in 4x4 windows: padded to 16x16, every second block shifted
-             ("swin_nano_patch2_window7_28", dict(depths=(2,), num_heads=(2,), window_size=4, drop_path_rate=0.0))],
+             ("swin_nano_patch2_window7_28", dict(in_chans=1, depths=(2,), num_heads=(2,), window_size=4,
+                                                          drop_path_rate=0.0))],
 }
 CASES = [(family, name, args) for family, cases in TINY.items() for name, args in cases]
 
@@ -169,3 +177,103 @@ def test_class_token_row_is_what_a_token_pooled_vit_reads():
 def test_a_model_without_the_hook_is_refused():
     with pytest.raises(TypeError, match="has no attention_relevance"):
         explain(torch.nn.Linear(2, 2), torch.zeros(1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# The picture: overlays, the fixed sample, evaluate's attention.png
+# --------------------------------------------------------------------------------------------
+
+MEAN, STD = (0.3,), (0.35,)
+
+
+def _png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data), formats=("PNG",))
+    img.load()
+    return img
+
+
+def test_overlay_blends_the_heatmap_colour_over_the_image():
+    image = np.zeros((1, 4, 4), dtype=np.float32)
+    heat = np.zeros((4, 4), dtype=np.float32)
+    heat[0, 0] = 1.0
+    rgb = overlay_rgb(image, heat)
+    assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+    # jet: 0 -> dark blue (0, 0, 0.5), 1 -> dark red (0.5, 0, 0); half of it over black
+    assert tuple(rgb[1, 1]) == (0, 0, 64) and tuple(rgb[0, 0]) == (64, 0, 0)
+    png = _png(overlay_png(image, heat))
+    assert png.size == (112, 112) and png.mode == "RGB"  # 4 px enlarged x28
+    with pytest.raises(ValueError, match="overlay needs an image"):
+        overlay_rgb(np.zeros((2, 4, 4)), heat)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, fmnist_idx):
+    from pipelines.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("explain")
+    cfg = load_config(None, [f"storage.uri=file://{tmp / 'store'}", f"mlflow.tracking_uri=sqlite:///{tmp / 'm.db'}",
+                             "mlflow.experiment_name=explain-test", f"data.source_dir={fmnist_idx.folder}",
+                             "data.shard_rows=10", f"data.augment.mean=[{MEAN[0]}]", f"data.augment.std=[{STD[0]}]"])
+    return cfg, prepare(cfg), tmp
+
+
+def test_fixed_sample_is_the_first_rows_of_each_class(dataset):
+    cfg, version, _ = dataset
+    sample = fixed_sample(version, "val", cfg, per_class=2)
+    # the same choice made independently: the split in stored order (shards as the manifest lists
+    # them, rows in file order), first two rows of each class
+    stored = [(label, row) for s in version.shards("val")
+              for label, row in zip(*[read_split_shard_column(version, s, c) for c in ("label", "row_id")])]
+    expected = [row for c in range(version.num_classes) for row in [r for label, r in stored if label == c][:2]]
+    assert sample.row_ids.tolist() == expected and len(expected) > version.num_classes  # several classes, 2 each
+    assert sample.labels.tolist() == sorted(sample.labels.tolist())
+    # pixels are the stored images; inputs are them normalised
+    pixels = read_split(version, "val", cfg.storage)
+    by_row = dict(zip(pixels["row_id"].tolist(), pixels["image"]))
+    for i, row in enumerate(sample.row_ids.tolist()):
+        np.testing.assert_allclose(sample.pixels[i, 0], by_row[row] / 255.0, atol=1e-6)
+        torch.testing.assert_close(sample.inputs[i], (torch.from_numpy(sample.pixels[i]) - MEAN[0]) / STD[0])
+    assert fixed_sample(version, "val", cfg).row_ids.tolist() == expected  # deterministic
+
+
+def read_split_shard_column(version, shard, column):
+    from pipelines.data.shards import read_shard_table
+
+    return read_shard_table(st.join_uri(version.uri, shard.path), None, [column]).column(column).to_pylist()
+
+
+@pytest.mark.parametrize(("family", "name", "args"), CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_the_picture_is_drawn_for_every_family(dataset, family, name, args):
+    cfg, version, _ = dataset
+    torch.manual_seed(0)
+    model = vit_model.create_model(name, num_classes=version.num_classes, **args).eval()
+    sample = fixed_sample(version, "val", cfg)
+    png = attention_png(model, sample, version.classes, title=f"{family} test")
+    img = _png(png)
+    assert img.size[0] > 400 and img.size[1] > 400
+
+
+@pytest.mark.integration
+def test_evaluate_logs_attention_png_to_the_training_run(dataset):
+    from pipelines.evaluate import evaluate
+
+    cfg, version, tmp = dataset
+    torch.manual_seed(0)
+    model = vit_model.create_model("vit_tiny_patch7", img_size=28, in_chans=1, num_classes=version.num_classes,
+                                   embed_dim=16, depth=1, num_heads=2)
+    model_dir = tmp / "store" / "train" / "r1" / "model"
+    model.save_pretrained(model_dir, meta={"class_names": version.classes, "channels": 1, "image_size": [28, 28],
+                                           "mean": list(MEAN), "std": list(STD),
+                                           "dataset": {"uri": version.uri, "version": version.version}})
+    client = tracking.client(cfg)
+    run_id = client.create_run(tracking.experiment_id(cfg, client)).info.run_id
+
+    result = evaluate(cfg, model_uri=f"file://{model_dir}", run_id=run_id, version=version)
+
+    root = {a.path for a in client.list_artifacts(run_id)}
+    assert {ATTENTION_PNG, "test_confusion_matrix.png", "evaluation-test.json"} <= root
+    logged = _png(Path(client.download_artifacts(run_id, ATTENTION_PNG, str(tmp))).read_bytes())
+    beside = _png(st.read_bytes(result.attention_uri))
+    assert result.attention_uri == f"file://{model_dir}/{ATTENTION_PNG}"
+    assert logged.size == beside.size and np.array_equal(np.asarray(logged), np.asarray(beside))
+    assert st.read_json(result.result_uri)["attention_uri"] == result.attention_uri
