@@ -277,3 +277,84 @@ def test_evaluate_logs_attention_png_to_the_training_run(dataset):
     assert result.attention_uri == f"file://{model_dir}/{ATTENTION_PNG}"
     assert logged.size == beside.size and np.array_equal(np.asarray(logged), np.asarray(beside))
     assert st.read_json(result.result_uri)["attention_uri"] == result.attention_uri
+
+
+# --------------------------------------------------------------------------------------------
+# infer.explain: one overlay per row, through real Ray
+# --------------------------------------------------------------------------------------------
+
+
+def test_explain_file_uri_quotes_each_part_of_the_id():
+    from pipelines.inference.actors import explain_file_uri
+
+    assert explain_file_uri("s3://b/job/_attempt-x/explain", "test/17") == "s3://b/job/_attempt-x/explain/test/17.png"
+    assert explain_file_uri("file:///o/explain", "a b/c.jpg") == "file:///o/explain/a%20b/c.jpg.png"
+    assert explain_file_uri("file:///o/explain", "../x.png") == "file:///o/explain/%2E%2E/x.png.png"
+
+
+def test_infer_explain_must_be_a_boolean():
+    from pipelines.errors import ConfigError
+
+    assert load_config(None, []).infer.explain is False
+    assert load_config(None, ["infer.explain=true"]).infer.explain is True
+    with pytest.raises(ConfigError, match="config key 'infer.explain' must be true or false, got 'yes please'"):
+        load_config(None, ["infer.explain=yes please"])
+
+
+@pytest.mark.integration
+def test_infer_explain_writes_one_overlay_per_row(dataset, ray_cluster):
+    from pipelines.infer import infer
+    from pipelines.inference.writer import load_manifest, load_predictions
+    from pipelines.register import register
+
+    cfg, version, tmp = dataset
+    torch.manual_seed(0)
+    model = vit_model.create_model("vit_tiny_convstem_28", num_classes=version.num_classes, embed_dim=16, depth=1,
+                                   num_heads=2)
+    model.save_pretrained(tmp / "infer-model", meta={"class_names": version.classes, "channels": 1,
+                                                     "image_size": [28, 28], "mean": list(MEAN), "std": list(STD)})
+    assert register(cfg, str(tmp / "infer-model")).decision == "first"
+    model_uri = f"models:/{cfg.registry.model_name}@champion"
+
+    # a dataset split: every row gets its overlay, at explain/<split>/<row id>.png in the attempt folder
+    on = load_config(None, [f"storage.uri={cfg.storage.uri}", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+                            f"registry.model_name={cfg.registry.model_name}", "mlflow.experiment_name=explain-test",
+                            "infer.split=val", "infer.batch_size=8", "infer.explain=true"])
+    result = infer(on, input_uri=version.uri, model_uri=model_uri, job_name="explained")
+    n = version.count("val")
+    assert result.output_count == n
+    table = load_predictions(st.join_uri(cfg.storage.uri, "predictions", "explained"), cfg.storage)
+    manifest = load_manifest(st.join_uri(cfg.storage.uri, "predictions", "explained"), cfg.storage)
+    assert manifest["schema"][-1] == "explain_uri" and manifest["explain"] == f"{manifest['data']}/explain"
+    ids, uris = table.column("input_id").to_pylist(), table.column("explain_uri").to_pylist()
+    assert uris == [st.join_uri(result.output_uri, "explain", f"{i}.png") for i in ids]
+    files = st.list_files(st.join_uri(result.output_uri, "explain"), cfg.storage)
+    assert len(files) == n and all(f.relpath.endswith(".png") for f in files)
+    # each overlay is the stored image under the model's heatmap
+    pixels = read_split(version, "val", cfg.storage)
+    row = int(ids[0].split("/")[1])
+    image = pixels["image"][pixels["row_id"].tolist().index(row)]
+    x = (torch.from_numpy(image).float()[None, None] / 255.0 - MEAN[0]) / STD[0]
+    expected = overlay_png(image[None].astype(np.float32) / 255.0, attention_heatmap(model, x)[0].numpy())
+    assert np.array_equal(np.asarray(_png(st.read_bytes(uris[0]))), np.asarray(_png(expected)))
+
+    # raw images with an unreadable one: rows that could not be scored get no overlay
+    images = tmp / "raw"
+    (images / "sub dir").mkdir(parents=True)
+    Image.fromarray(pixels["image"][0]).save(images / "sub dir" / "one.png")
+    Image.fromarray(pixels["image"][1]).save(images / "two.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    result = infer(on, input_uri=str(images), model_uri=model_uri, job_name="explained-raw")
+    rows = load_predictions(st.join_uri(cfg.storage.uri, "predictions", "explained-raw"), cfg.storage).to_pylist()
+    by_id = {r["input_id"]: r for r in rows}
+    assert by_id["broken.png"]["error"] and by_id["broken.png"]["explain_uri"] == ""
+    assert by_id["sub dir/one.png"]["explain_uri"] == st.join_uri(result.output_uri, "explain", "sub%20dir", "one.png.png")
+    assert _png(st.read_bytes(by_id["two.png"]["explain_uri"])).size == (112, 112)
+
+    # off (the default): no column, no folder
+    off = load_config(None, [f"storage.uri={cfg.storage.uri}", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+                             "mlflow.experiment_name=explain-test", "infer.split=val", "infer.batch_size=8"])
+    result = infer(off, input_uri=version.uri, model_uri=model_uri, job_name="plain")
+    table = load_predictions(st.join_uri(cfg.storage.uri, "predictions", "plain"), cfg.storage)
+    assert "explain_uri" not in table.column_names
+    assert not st.exists(st.join_uri(result.output_uri, "explain"), cfg.storage)
