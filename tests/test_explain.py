@@ -358,3 +358,19 @@ def test_infer_explain_writes_one_overlay_per_row(dataset, ray_cluster):
     table = load_predictions(st.join_uri(cfg.storage.uri, "predictions", "plain"), cfg.storage)
     assert "explain_uri" not in table.column_names
     assert not st.exists(st.join_uri(result.output_uri, "explain"), cfg.storage)
+
+
+def test_swin_head_fusion_is_applied_to_the_window_attention():
+    # max / min over heads must differ from the mean on a stage with several heads
+    torch.manual_seed(0)
+    model = vit_model.create_model("swin_nano_patch2_window7_28", in_chans=1, num_classes=3, depths=(2,),
+                                   num_heads=(2,), window_size=4, drop_path_rate=0.0).eval()
+    x = torch.randn(1, 1, 28, 28)
+    grids = {f: model.attention_relevance(x, head_fusion=f).grid for f in ("mean", "max", "min")}
+    assert not torch.allclose(grids["mean"], grids["max"]) and not torch.allclose(grids["mean"], grids["min"])
+    with torch.no_grad():
+        _, maps = model.forward_features(x, return_attention=True)
+    blocks = model.layers[-1].blocks
+    dense = [window_attention_to_dense(a, (14, 14), b.window, b.shift).amax(1, keepdim=True) for a, b in zip(maps, blocks)]
+    expected = attention_rollout(dense).mean(dim=1).reshape(1, 14, 14)  # mean row: global average pooling
+    torch.testing.assert_close(grids["max"], expected)

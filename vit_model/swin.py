@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .arch import ArchConfig, check, check_rates, pair
 from .base import FamilyModel
-from .explain import AttentionRelevance, attention_rollout, read_rollout, token_readout
+from .explain import AttentionRelevance, attention_rollout, fuse_heads, read_rollout, token_readout
 from .layers import DropPath, Mlp, drop_path_rates, init_linear_trunc_normal, run_checkpointed, take_indices
 from .model import PatchEmbed
 
@@ -579,9 +579,12 @@ class SwinTransformer(FamilyModel):
         last, maps = self.layers[-1], []
         x = last(x, maps)  # (B, h, w, C), maps [(B * nW, heads, N, N)]
         h, w = x.shape[1], x.shape[2]
-        dense = [window_attention_to_dense(a, (h, w), blk.window, blk.shift) for a, blk in zip(maps, last.blocks)]
+        # heads fused per window first (the same as after: entries outside a window are 0 in every head),
+        # so the dense matrices are (B, 1, T, T), not (B, heads, T, T)
+        dense = [window_attention_to_dense(fuse_heads(a, head_fusion).unsqueeze(1), (h, w), blk.window, blk.shift)
+                 for a, blk in zip(maps, last.blocks)]
         logits = self.forward_head(self.norm(x))
-        rollout = attention_rollout(dense, head_fusion, discard_ratio, add_residual)  # (B, h*w, h*w)
+        rollout = attention_rollout(dense, "mean", discard_ratio, add_residual)  # (B, h*w, h*w)
         relevance = read_rollout(rollout, token_readout("avg", h * w, 0, B, x.device), 0)
         cell = self.cfg.patch_size * 2 ** (len(self.layers) - 1)  # pixels per last-stage token (merging rounds up)
         return AttentionRelevance(logits, relevance.reshape(B, h, w), (h * cell, w * cell))
