@@ -172,6 +172,7 @@ class InferConfig:
     cpus_per_actor: float = 1.0  # CPUs reserved per model actor; torch threads = max(1, int(this)) on CPU
     tta: str = "none"  # test-time augmentation for evaluate and batch inference: none | hflip (mean of the
     # class probabilities of the image and its mirror; 2x the compute)
+    explain: bool = False  # also write an attention overlay per input: <attempt>/explain/<input id>.png + explain_uri
 
 
 @dataclass

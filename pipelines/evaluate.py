@@ -7,7 +7,10 @@ preprocessed exactly as at validation time, with the mean/std and size stored wi
 Results: acc@1, acc@5, loss, per-class accuracy and the confusion matrix, written beside the
 model as ``evaluation-<split>.json``, logged as ``<split>_*`` metrics plus a confusion-matrix
 figure into the training's MLflow run. ``infer.tta: hflip`` scores the mean probabilities of each
-image and its mirror (the metrics record which).
+image and its mirror (the metrics record which). Every evaluation also draws the model's attention
+on a fixed set of validation images (:mod:`pipelines.attention`) and stores it as ``attention.png``
+beside the model and at the root of the training run's artifacts (the registry's model
+description embeds it from there: keep the name).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vit_model import from_pretrained
 
 from . import storage as st
 from . import tracking
+from .attention import ATTENTION_PNG, attention_png, fixed_sample, sample_split
 from .config import PipelineConfig
 from .data.shards import DatasetVersion, dataset_from_config
 from .data.stream import iter_local_batches
@@ -48,6 +52,7 @@ class EvalResult:
     confusion: list[list[int]]
     mlflow_run_id: str | None
     result_uri: str
+    attention_uri: str | None = None  # attention.png beside the model; None when it could not be drawn
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,7 +102,8 @@ def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str |
         raise UserError(f"model {model_uri} has {model.cfg.num_classes} classes but dataset {version.uri} has "
                         f"{version.num_classes}; evaluate on the dataset it was trained for (data.version)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    raw = score(model, version, split, eval_config(cfg, meta), batch_size=cfg.infer.batch_size)
+    model_cfg = eval_config(cfg, meta)
+    raw = score(model, version, split, model_cfg, batch_size=cfg.infer.batch_size)
     metrics = {f"{split}_acc": raw["acc1"], f"{split}_loss": raw["loss"], f"{split}_count": float(raw["count"])}
     if "acc5" in raw:
         metrics[f"{split}_acc5"] = raw["acc5"]
@@ -108,13 +114,25 @@ def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str |
         per_class_acc=dict(zip(version.classes, raw["per_class_acc"])), confusion=raw["confusion"],
         mlflow_run_id=train_run_id, result_uri=result_uri,
     )
+    picture = _attention_picture(model, version, split, model_cfg)
+    if picture is not None:
+        result.attention_uri = st.join_uri(model_uri, ATTENTION_PNG)
+        st.write_bytes(result.attention_uri, picture, cfg.storage)
     st.write_json(result_uri, result.to_dict(), cfg.storage)
     if log and train_run_id:
-        _log(cfg, train_run_id, result, version.classes)
+        _log(cfg, train_run_id, result, version.classes, picture)
     return result
 
 
-def _log(cfg: PipelineConfig, run_id: str, result: EvalResult, classes: list[str]) -> None:
+def _attention_picture(model: torch.nn.Module, version: DatasetVersion, split: str, cfg: PipelineConfig) -> bytes | None:
+    """attention.png: the first images of each class of the val split (else of ``split``)."""
+    shown = sample_split(version, split)
+    sample = fixed_sample(version, shown, cfg)
+    return attention_png(model, sample, version.classes,
+                         title=f"attention rollout on the first images of each class ({shown} split)")
+
+
+def _log(cfg: PipelineConfig, run_id: str, result: EvalResult, classes: list[str], picture: bytes | None) -> None:
     client = tracking.client(cfg)
     split = result.split
     per_class = {f"{split}_acc_{name}": v for name, v in result.per_class_acc.items() if v is not None}
@@ -122,6 +140,9 @@ def _log(cfg: PipelineConfig, run_id: str, result: EvalResult, classes: list[str
     with tempfile.TemporaryDirectory() as tmp:
         path = plot_confusion(result.confusion, classes, Path(tmp, f"{split}_confusion_matrix.png"), title=f"{split} split")
         client.log_artifact(run_id, str(path))
+        if picture is not None:  # at the artifact root, under this exact name (see the module doc)
+            Path(tmp, ATTENTION_PNG).write_bytes(picture)
+            client.log_artifact(run_id, str(Path(tmp, ATTENTION_PNG)))
     tracking.log_json(client, run_id, result.to_dict(), f"evaluation-{split}.json")
 
 

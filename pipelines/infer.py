@@ -27,7 +27,7 @@ from . import storage as st
 from . import tracking
 from .config import PipelineConfig
 from .errors import ConfigError, InferError, first_line, redact_uri
-from .inference.actors import OUTPUT_SCHEMA, build_dataset, check_resources
+from .inference.actors import EXPLAIN_FOLDER, build_dataset, check_resources, output_schema
 from .inference.inputs import InferInput, resolve_input
 from .inference.model import ResolvedModel, load_model_package, parse_model_uri, resolve_model
 from .inference.writer import (
@@ -147,11 +147,13 @@ def infer(cfg: PipelineConfig, *, input_uri: str, model_uri: str, job_name: str 
         run_id = _start_mlflow_run(cfg, client, job, attempt, model, inputs)
         try:
             say(f"job {job}: {cfg.infer.num_actors} actor(s) x {cfg.infer.cpus_per_actor:g} CPU"
-                f"{' + 1 GPU' if cfg.infer.use_gpu else ''}, batch {cfg.infer.batch_size}, writing {data_uri}")
+                f"{' + 1 GPU' if cfg.infer.use_gpu else ''}, batch {cfg.infer.batch_size}, writing {data_uri}"
+                f"{' (+ an attention overlay per input under explain/)' if cfg.infer.explain else ''}")
             ray_started = time.monotonic()
             import ray  # connected by ensure_ray above
 
-            write_rows(build_dataset(cfg, inputs, model, ray.put(package)), data_uri, cfg.storage)
+            explain_uri = st.join_uri(data_uri, EXPLAIN_FOLDER) if cfg.infer.explain else None
+            write_rows(build_dataset(cfg, inputs, model, ray.put(package), explain_uri), data_uri, cfg.storage)
             ray_s = time.monotonic() - ray_started
             say(f"Ray job done in {ray_s:.1f} s; verifying one row per input")
 
@@ -201,7 +203,8 @@ def _manifest(cfg: PipelineConfig, result: InferResult, model: ResolvedModel, in
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": attempt,  # folder (relative to the job folder) holding exactly the files below
         "files": [{"path": f"{attempt}/{f['path']}", "rows": f["rows"]} for f in checked.files],
-        "schema": [f.name for f in OUTPUT_SCHEMA],
+        "schema": [f.name for f in output_schema(cfg.infer.explain)],
+        "explain": f"{attempt}/{EXPLAIN_FOLDER}" if cfg.infer.explain else None,  # one <input id>.png per scored row
         "input": {"uri": inputs.uri, "kind": inputs.kind, "split": inputs.split, "digest": inputs.digest,
                   "skipped_files": inputs.skipped},
         "input_count": result.input_count,
@@ -217,7 +220,8 @@ def _manifest(cfg: PipelineConfig, result: InferResult, model: ResolvedModel, in
         "correct": result.correct,
         "top_k": min(cfg.infer.top_k, model.num_classes),
         "settings": {"batch_size": cfg.infer.batch_size, "num_actors": cfg.infer.num_actors,
-                     "cpus_per_actor": cfg.infer.cpus_per_actor, "use_gpu": cfg.infer.use_gpu},
+                     "cpus_per_actor": cfg.infer.cpus_per_actor, "use_gpu": cfg.infer.use_gpu,
+                     "explain": cfg.infer.explain},
         "seconds": result.seconds,
         "images_per_s": result.images_per_s,
         "timings": result.timings,

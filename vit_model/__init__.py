@@ -9,12 +9,14 @@ ViT (``t2t``) and Swin (``swin``); see :mod:`vit_model.registry`.
     model = create_model("swin_tiny_patch4_window7_224", num_classes=10, in_chans=1)
     model = VisionTransformer(ViTConfig(img_size=28, patch_size=4, in_chans=1, num_classes=10,
                                         embed_dim=192, depth=6, num_heads=3))
+    heat = attention_heatmap(model, images)  # (B, H, W) in [0, 1]: attention rollout, any family
     model.save_pretrained("out/")            # config.json (with the family) + model.safetensors
     model = from_pretrained("out/")          # also HF dirs, timm/torchvision ViT weights files
 """
 
 from .arch import ArchConfig
 from .config import SIZES, ViTConfig, parse_name
+from .explain import attention_heatmap, attention_rollout, explain
 from .hybrid import HybridConfig, HybridViT
 from .model import VisionTransformer
 from .registry import (
@@ -47,7 +49,7 @@ def create_model(name: str, pretrained: str | None = None, **overrides):
 __all__ = [
     "FAMILIES", "SIZES", "ArchConfig", "HybridConfig", "HybridViT", "SwinConfig", "SwinTransformer", "T2TConfig",
     "T2TViT", "ViTConfig", "VisionTransformer", "UnsafeCheckpointError", "adapt_input_conv",
-    "adapt_state_dict", "arch_from_dict", "arch_to_dict", "available_models", "build_model", "config_from_name",
-    "create_model", "flops_per_image", "from_pretrained", "get_family", "load_state_dict", "parse_model_name",
-    "parse_name", "resample_pos_embed", "save_pretrained", "sincos_pos_embed_2d",
+    "adapt_state_dict", "arch_from_dict", "arch_to_dict", "attention_heatmap", "attention_rollout", "available_models",
+    "build_model", "config_from_name", "create_model", "explain", "flops_per_image", "from_pretrained", "get_family",
+    "load_state_dict", "parse_model_name", "parse_name", "resample_pos_embed", "save_pretrained", "sincos_pos_embed_2d",
 ]

@@ -5,7 +5,8 @@
 :class:`TokenModel` — families whose trunk is one sequence of blocks over one token grid (ViT,
 hybrid, T2T): timm's ``forward_intermediates`` over those blocks. A subclass provides
 ``_embed(x) -> (tokens (B, prefix + h*w, D), (h, w))``, ``blocks``, ``norm``,
-``num_prefix_tokens`` and ``grad_checkpointing``.
+``num_prefix_tokens``, ``global_pool`` and ``grad_checkpointing``; :meth:`TokenModel._readout`
+is the hook a family with its own pooling overrides (CCT's sequence pooling).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from .explain import AttentionRelevance, attention_rollout, read_rollout, token_readout
 from .files import save_pretrained
 from .layers import run_checkpointed, take_indices
 
@@ -74,3 +76,24 @@ class TokenModel(FamilyModel):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
+
+    def attention_relevance(self, x: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                            add_residual: bool = True) -> AttentionRelevance:
+        """Logits and the rollout relevance of each patch token on the (h, w) token grid, read
+        the way the head reads the tokens (:meth:`_readout`); see :mod:`vit_model.explain`."""
+        tokens, (h, w) = self._embed(x)
+        maps = []
+        for block in self.blocks:  # forward_features' loop, on the eager path, keeping the grid
+            tokens, attn = block(tokens, return_attention=True)
+            maps.append(attn)  # (B, heads, T, T)
+        feats = self.norm(tokens)
+        logits = self.forward_head(feats)
+        rollout = attention_rollout(maps, head_fusion, discard_ratio, add_residual)  # (B, T, T)
+        relevance = read_rollout(rollout, self._readout(feats), self.num_prefix_tokens)  # (B, h*w)
+        return AttentionRelevance(logits, relevance.reshape(x.shape[0], h, w), (x.shape[-2], x.shape[-1]))
+
+    def _readout(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, T) weights with which the head reads the normalised tokens ``feats``: the class
+        token for 'token' pooling, uniform over the patch tokens otherwise."""
+        B, T, _ = feats.shape
+        return token_readout(self.global_pool, T, self.num_prefix_tokens, B, feats.device)

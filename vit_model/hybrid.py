@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from .arch import ArchConfig, check, check_rates, pair
 from .base import TokenModel
+from .explain import token_readout
 from .layers import Block, drop_path_rates, run_checkpointed
 from .surgery import resample_pos_embed
 
@@ -426,6 +427,15 @@ class HybridViT(TokenModel):
             return tokens.mean(dim=1)
         weights = self.seq_pool(tokens).softmax(dim=1)  # (B, N, D) -> (B, N, 1), softmax over tokens
         return (weights.transpose(1, 2) @ tokens).squeeze(1)  # (B, 1, N) @ (B, N, D) -> (B, D)
+
+    def _readout(self, feats: torch.Tensor) -> torch.Tensor:
+        """Sequence pooling reads the patch tokens with its own softmax weights; those weight the
+        rollout's rows (TokenModel._readout for 'token' / 'avg')."""
+        if self.global_pool != "seq":
+            return super()._readout(feats)
+        B, T, _ = feats.shape
+        weights = self.seq_pool(feats[:, self.num_prefix_tokens:]).softmax(dim=1)  # (B, N, 1), as in pool()
+        return token_readout("seq", T, self.num_prefix_tokens, B, feats.device, pool_weights=weights)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.fc_norm(self.pool(x)))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .arch import ArchConfig, check, check_rates, pair
 from .base import FamilyModel
+from .explain import AttentionRelevance, attention_rollout, fuse_heads, read_rollout, token_readout
 from .layers import DropPath, Mlp, drop_path_rates, init_linear_trunc_normal, run_checkpointed, take_indices
 from .model import PatchEmbed
 
@@ -254,6 +255,37 @@ def shifted_window_mask(hw: tuple[int, int], window: tuple[int, int], shift: tup
     ids = window_partition(ids.view(1, H, W, 1), window).squeeze(-1)  # (H, W) -> (nW, N)
     differ = ids[:, :, None] != ids[:, None, :]  # (nW, N, N)
     return torch.zeros(differ.shape, device=device, dtype=dtype).masked_fill(differ, MASK_VALUE)
+
+
+def window_token_index(hw: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+    """(nW, N): for each window position of a block (windows as :func:`window_partition` orders
+    them, after the cyclic shift and the bottom/right padding), the index of the token on the
+    stage's unshifted, unpadded (H, W) grid (row-major), or -1 for padding."""
+    H, W = hw
+    Hp, Wp = (math.ceil(n / m) * m for n, m in zip(hw, window))
+    ys = torch.arange(Hp)[:, None].expand(Hp, Wp)
+    xs = torch.arange(Wp)[None, :].expand(Hp, Wp)
+    # torch.roll by -shift puts original row (y + shift) % H at row y; rows >= H are padding
+    idx = ((ys + shift[0]) % H) * W + (xs + shift[1]) % W
+    idx = torch.where((ys < H) & (xs < W), idx, torch.full_like(idx, -1))  # (Hp, Wp)
+    return window_partition(idx.reshape(1, Hp, Wp, 1), window).squeeze(-1)  # -> (nW, N)
+
+
+def window_attention_to_dense(attn: torch.Tensor, hw: tuple[int, int], window: tuple[int, int],
+                              shift: tuple[int, int]) -> torch.Tensor:
+    """A block's window attention (B * nW, heads, N, N) -> (B, heads, T, T) over the stage's
+    T = H * W tokens in their unshifted grid order: entry (q, k) is q's attention to k when both
+    share a window, 0 otherwise. Attention to padding tokens is dropped (rows then sum to <= 1)."""
+    H, W = hw
+    idx = window_token_index(hw, window, shift).to(attn.device)
+    nW, N = idx.shape
+    B, heads, T = attn.shape[0] // nW, attn.shape[1], H * W
+    slot = torch.where(idx < 0, torch.full_like(idx, T), idx)  # padding -> an extra slot T, dropped below
+    rows = slot[:, :, None].expand(nW, N, N)
+    cols = slot[:, None, :].expand(nW, N, N)
+    dense = attn.new_zeros(B, heads, T + 1, T + 1)
+    dense[:, :, rows, cols] = attn.reshape(B, nW, heads, N, N).transpose(1, 2)  # (B, heads, nW, N, N)
+    return dense[:, :, :T, :T]
 
 
 def resample_rel_pos_table(table: torch.Tensor, src_window: tuple[int, int], dst_window: tuple[int, int]) -> torch.Tensor:
@@ -534,6 +566,28 @@ class SwinTransformer(FamilyModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, h, w, C) -> (B, classes); with global_pool='' -> (B, h, w, classes)."""
         return self.head(x, pre_logits=pre_logits)
+
+    def attention_relevance(self, x: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                            add_residual: bool = True) -> AttentionRelevance:
+        """Logits and the rollout relevance of each last-stage token: the last stage's window
+        attention made dense on its grid (:func:`window_attention_to_dense`), rolled out over that
+        stage's blocks, read uniformly (global average pooling). See :mod:`vit_model.explain`."""
+        B = x.shape[0]
+        x = self.patch_embed(x)  # (B, C, H, W) -> (B, H/P, W/P, D)
+        for stage in self.layers[:-1]:
+            x = stage(x)
+        last, maps = self.layers[-1], []
+        x = last(x, maps)  # (B, h, w, C), maps [(B * nW, heads, N, N)]
+        h, w = x.shape[1], x.shape[2]
+        # heads fused per window first (the same as after: entries outside a window are 0 in every head),
+        # so the dense matrices are (B, 1, T, T), not (B, heads, T, T)
+        dense = [window_attention_to_dense(fuse_heads(a, head_fusion).unsqueeze(1), (h, w), blk.window, blk.shift)
+                 for a, blk in zip(maps, last.blocks)]
+        logits = self.forward_head(self.norm(x))
+        rollout = attention_rollout(dense, "mean", discard_ratio, add_residual)  # (B, h*w, h*w)
+        relevance = read_rollout(rollout, token_readout("avg", h * w, 0, B, x.device), 0)
+        cell = self.cfg.patch_size * 2 ** (len(self.layers) - 1)  # pixels per last-stage token (merging rounds up)
+        return AttentionRelevance(logits, relevance.reshape(B, h, w), (h * cell, w * cell))
 
     def forward_intermediates(
         self,

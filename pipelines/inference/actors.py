@@ -4,7 +4,9 @@ the Ray Data pipeline that connects them. Imports neither MLflow nor the task mo
 read (shards re-cut into blocks of one batch, or the file listing) -> decode (the data plane's
 eval preprocessing for shard rows, :mod:`pipelines.imaging` for raw files) -> :class:`BatchPredictor`
 on a fixed pool of actors, which builds the pinned model once from the object store and returns
-one :data:`OUTPUT_SCHEMA` row per input; an unreadable input is a row with ``error`` set.
+one :data:`OUTPUT_SCHEMA` row per input; an unreadable input is a row with ``error`` set. With
+``infer.explain`` the actors also write each input's attention overlay (:func:`vit_model.explain`)
+to ``<explain folder>/<input id>.png`` and add its URI as the ``explain_uri`` column.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
 
-from vit_model import arch_from_dict, build_model
+from vit_model import arch_from_dict, build_model, explain
 
 from .. import storage as st
 from ..config import AugmentConfig, PipelineConfig, StorageConfig
 from ..data.stream import StreamSpec, build_transform, decode_chw, read_shards
 from ..errors import ConfigError, first_line
 from ..imaging import InvalidImage, decode
+from ..plots import overlay_png
 from .inputs import InferInput
 from .model import ResolvedModel
 
@@ -46,6 +50,21 @@ OUTPUT_SCHEMA = pa.schema([
     ("model_version", pa.string()),
     ("true_label", pa.int64()),
 ])
+EXPLAIN_FIELD = pa.field("explain_uri", pa.string())  # only with infer.explain: the row's overlay PNG ("" on error)
+EXPLAIN_FOLDER = "explain"  # <attempt folder>/explain/<input id>.png
+
+
+def output_schema(explain: bool) -> pa.Schema:
+    """The prediction rows' schema: :data:`OUTPUT_SCHEMA`, plus ``explain_uri`` with ``infer.explain``."""
+    return OUTPUT_SCHEMA.append(EXPLAIN_FIELD) if explain else OUTPUT_SCHEMA
+
+
+def explain_file_uri(folder_uri: str, input_id: str) -> str:
+    """Where the overlay of ``input_id`` goes: ``<folder>/<input id>.png``, each path part of the
+    id percent-quoted (``test/17`` -> ``test/17.png``, ``a b/c.jpg`` -> ``a%20b/c.jpg.png``)."""
+    parts = [quote(p, safe="._-") for p in str(input_id).split("/") if p]
+    parts = [p if p not in (".", "..") else p.replace(".", "%2E") for p in parts] or ["_"]
+    return st.join_uri(folder_uri, *parts[:-1], parts[-1] + ".png")
 
 
 @dataclass(frozen=True)
@@ -135,9 +154,15 @@ class BatchPredictor:
     bytes. ``__call__`` takes the decode function's columns and returns an Arrow table in
     :data:`OUTPUT_SCHEMA`, one row per input row; rows with an ``error`` pass through with
     empty predictions.
+
+    ``explain_uri`` (a folder) turns on the attention overlays: the model then runs once per batch
+    through :func:`vit_model.explain` (eager attention: slower), each scored row's overlay is
+    written atomically to :func:`explain_file_uri` (a retried task rewrites the same bytes) and
+    its URI fills the ``explain_uri`` column.
     """
 
-    def __init__(self, model: ResolvedModel, package: Any, top_k: int, use_gpu: bool = False, threads: int = 1):
+    def __init__(self, model: ResolvedModel, package: Any, top_k: int, use_gpu: bool = False, threads: int = 1,
+                 explain_uri: str | None = None, storage: StorageConfig | None = None):
         import ray  # here: the actor's process pays for these imports, not the driver's CLI
         import torch
         from safetensors.torch import load as load_safetensors
@@ -156,6 +181,9 @@ class BatchPredictor:
         # (C, 1, 1), built like pipelines.data.stream's normalisation so the floats are identical
         self.mean = torch.tensor(model.mean, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
         self.std = torch.tensor(model.std, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
+        self.explain_uri = explain_uri
+        self.storage = storage
+        self.schema = output_schema(explain_uri is not None)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
         import torch
@@ -169,9 +197,14 @@ class BatchPredictor:
         ok = np.flatnonzero(np.asarray([e == "" for e in errors], dtype=bool))
         if ok.size:
             x = torch.from_numpy(np.ascontiguousarray(np.asarray(batch["pixels"])[ok])).to(self.device)
+            heat = None
             with torch.inference_mode():
                 x = x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)  # (N, C, H, W) normalised
-                logits = self.net(x).float()  # (N, num_classes)
+                if self.explain_uri is None:
+                    logits = self.net(x).float()  # (N, num_classes)
+                else:
+                    logits, heat = explain(self.net, x)  # + (N, H, W) attention heatmaps in [0, 1]
+                    logits = logits.float()
                 probs = logits.softmax(dim=-1)
                 top = logits.topk(self.top_k, dim=-1)  # (N, k), sorted by logit
                 top_p = probs.gather(1, top.indices)
@@ -181,6 +214,9 @@ class BatchPredictor:
                 names[row] = self.class_names[labels[row]]
                 topk_names[row] = [self.class_names[k] for k in idx[j]]
                 topk_probs[row] = [float(v) for v in p[j]]
+        columns: dict[str, list] = {}
+        if self.explain_uri is not None:
+            columns["explain_uri"] = self._write_overlays(batch, ok, heat)
         return pa.Table.from_pydict({
             "input_id": [str(v) for v in batch["input_id"]],
             "source": [str(v) for v in batch["source"]],
@@ -192,7 +228,21 @@ class BatchPredictor:
             "model_name": [self.model_ref.name] * n,
             "model_version": [self.model_ref.version] * n,
             "true_label": [int(v) for v in batch["true_label"]],
-        }, schema=OUTPUT_SCHEMA)
+            **columns,
+        }, schema=self.schema)
+
+    def _write_overlays(self, batch: Mapping[str, np.ndarray], ok: np.ndarray, heat: Any) -> list[str]:
+        """One overlay PNG per scored row (the decoded pixels under its heatmap); their URIs."""
+        uris = [""] * len(batch["input_id"])
+        if heat is None:
+            return uris
+        heat = heat.cpu().numpy()
+        pixels = np.asarray(batch["pixels"])
+        for j, row in enumerate(ok):
+            uri = explain_file_uri(self.explain_uri, str(batch["input_id"][row]))
+            st.write_bytes(uri, overlay_png(pixels[row].astype(np.float32) / 255.0, heat[j]), self.storage)
+            uris[row] = uri
+        return uris
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,11 +250,13 @@ class BatchPredictor:
 # --------------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel, package: Any) -> ray.data.Dataset:
+def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel, package: Any,
+                  explain_uri: str | None = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: read -> decode -> model actors (nothing runs yet).
 
     ``package`` is what :class:`BatchPredictor` builds the model from: the object-store
-    reference of :func:`load_model_package`'s dict (or the dict itself)."""
+    reference of :func:`load_model_package`'s dict (or the dict itself). ``explain_uri``: the
+    folder for the attention overlays (``infer.explain``), None for none."""
     import ray.data
 
     ic = cfg.infer
@@ -230,7 +282,7 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel,
     return ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model": model, "package": package, "top_k": ic.top_k, "use_gpu": ic.use_gpu,
-                               "threads": threads},
+                               "threads": threads, "explain_uri": explain_uri, "storage": cfg.storage},
         compute=ray.data.ActorPoolStrategy(size=ic.num_actors),
         batch_size=ic.batch_size, batch_format="numpy", num_cpus=ic.cpus_per_actor,
         num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=False,
