@@ -262,7 +262,7 @@ def version_markdown(entry: Mapping[str, Any], card: Mapping[str, Any], status: 
     if attention and run.get("id"):
         url = artifact_url(run["id"], attention)
         out += ["### Attention", "", f"![attention maps of v{version}]({url})", "",
-                f"Attention of this version on test images ([{cell(attention)}]({url}) in the training run's artifacts).", ""]
+                f"Attention of this version on fixed validation images ([{cell(attention)}]({url}) in the training run's artifacts).", ""]
     return clip("\n".join(out).rstrip() + "\n")
 
 

@@ -82,7 +82,7 @@ VERSION_PAGE = (
     '\n'
     '![attention maps of v2](get-artifact?path=attention.png&run_uuid=t2)\n'
     '\n'
-    "Attention of this version on test images ([attention.png](get-artifact?path=attention.png&run_uuid=t2) in the training run's artifacts).\n"
+    "Attention of this version on fixed validation images ([attention.png](get-artifact?path=attention.png&run_uuid=t2) in the training run's artifacts).\n"
 )
 
 MODEL_PAGE = (

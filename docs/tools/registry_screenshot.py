@@ -9,8 +9,8 @@ What it does, all on 127.0.0.1 and in a temporary folder (no Ray needed):
 3. registers two tiny ViTs through ``register_from_workflow`` (the ``run`` workflow's register
    step): A, which always predicts the commonest test class, becomes champion; B, which always
    predicts a rarer one, is kept as a candidate. Each has an MLflow "training" run with a
-   ``model.name`` param and an ``attention.png`` artifact: a labelled stand-in picture, since
-   these models are not trained (evaluate logs the real one);
+   ``model.name`` param and the ``attention.png`` artifact that evaluate logs, drawn by the same
+   code (the models are untrained, so the maps and predictions are those of random weights);
 4. screenshots the registered-model page and B's version page with headless Chromium
    (``--virtual-time-budget`` lets the React UI fetch and render before the shot), writing
    ``<out>/registry-model-page.png`` and ``<out>/registry-version-page.png``;
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -45,7 +45,7 @@ from pipelines import tracking  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
 from pipelines.register import register_from_workflow  # noqa: E402
-from vit_model import VisionTransformer, ViTConfig  # noqa: E402
+from vit_model import VisionTransformer, ViTConfig, from_pretrained  # noqa: E402
 
 MODEL = "vit-fashion-demo"
 # The browser reaches the server under this name (mapped to 127.0.0.1): the UI opens its assistant
@@ -119,24 +119,20 @@ def model_dir(path: Path, favourite: int, seed: int, dataset) -> Path:
     return path
 
 
-def stand_in_attention(path: Path, label: str) -> Path:
-    img = Image.new("RGB", (360, 120), (245, 245, 245))
-    draw = ImageDraw.Draw(img)
-    for i in range(4):  # a 4x4 "patch grid" so the picture reads as one
-        for j in range(4):
-            shade = 255 - 50 * ((i + j) % 4)
-            draw.rectangle([8 + j * 24, 8 + i * 24, 30 + j * 24, 30 + i * 24], fill=(255, shade, shade // 2))
-    draw.text((120, 30), f"attention.png of {label}", fill=(0, 0, 0))
-    draw.text((120, 55), "stand-in: evaluate logs the real", fill=(90, 90, 90))
-    draw.text((120, 72), "attention maps here", fill=(90, 90, 90))
-    img.save(path)
-    return path
+def training_run(client, cfg, name: str, model_name: str, model_path: Path, dataset) -> str:
+    """An MLflow "training" run for ``model_path`` with the attention picture evaluate would log
+    (drawn by the same code, on the dataset's fixed images; the models here are untrained)."""
+    from pipelines.attention import attention_png, fixed_sample, sample_split
+    from pipelines.evaluate import eval_config
 
-
-def training_run(client, cfg, name: str, model_name: str, work: Path) -> str:
+    model, meta = from_pretrained(model_path, return_meta=True)
+    sample = fixed_sample(dataset, sample_split(dataset, "test"), eval_config(cfg, meta))
+    png = attention_png(model.eval(), sample, dataset.classes, title=f"{name}: attention on fixed images")
     run_id, _ = tracking.start_or_resume_run(cfg, name, "train", mlflow_client=client)
     client.log_param(run_id, "model.name", model_name)
-    client.log_artifact(run_id, str(stand_in_attention(work / "attention.png", name)))
+    if png is not None:
+        (model_path / "attention.png").write_bytes(png)
+        client.log_artifact(run_id, str(model_path / "attention.png"))
     tracking.end_run(client, run_id)
     return run_id
 
@@ -167,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         dataset = prepare(cfg)
         client = tracking.client(cfg)
         for label, favourite, seed in (("A", 0, 1), ("B", 1, 2)):
-            run_id = training_run(client, cfg, f"train-{label}", "vit_tiny_patch7", work)
-            result = register_from_workflow(cfg, model_uri=str(model_dir(work / label, favourite, seed, dataset)),
+            path = model_dir(work / label, favourite, seed, dataset)
+            run_id = training_run(client, cfg, f"train-{label}", "vit_tiny_patch7", path, dataset)
+            result = register_from_workflow(cfg, model_uri=str(path),
                                             dataset_uri=dataset.uri, run_id=run_id)
             print(f"v{result['version']}: {result['decision']} ({result['reason']})")
         out, page = Path(args.out), url.replace("127.0.0.1", HOST)
