@@ -221,7 +221,7 @@ def _manifest(cfg: PipelineConfig, result: InferResult, model: ResolvedModel, in
         "top_k": min(cfg.infer.top_k, model.num_classes),
         "settings": {"batch_size": cfg.infer.batch_size, "num_actors": cfg.infer.num_actors,
                      "cpus_per_actor": cfg.infer.cpus_per_actor, "use_gpu": cfg.infer.use_gpu,
-                     "explain": cfg.infer.explain},
+                     "explain": cfg.infer.explain, "tta": cfg.infer.tta},
         "seconds": result.seconds,
         "images_per_s": result.images_per_s,
         "timings": result.timings,

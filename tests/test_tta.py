@@ -57,3 +57,35 @@ def test_tta_changes_the_evaluate_cache_key_only():
     up = {"prepare": {"dataset_uri": "file:///d"}, "search": {"model_uri": "file:///m"}}
     assert step_key("evaluate", plain, up) != step_key("evaluate", flipped, up)
     assert step_key("search", plain, up) == step_key("search", flipped, up)
+
+
+def test_batch_predictor_scores_with_flip_tta():
+    """The inference actor's class (called directly, as Ray Data's actor would): with infer.tta=hflip
+    its top-1 and probabilities are those of the averaged probabilities."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import save
+
+    from pipelines.inference.actors import BatchPredictor
+    from pipelines.inference.model import ResolvedModel
+    from vit_model import arch_to_dict, create_model
+
+    torch.manual_seed(1)
+    net = create_model("vit_tiny_patch7", img_size=28, in_chans=1, num_classes=3, embed_dim=32, depth=1, num_heads=2).eval()
+    package = {"config": json.dumps(arch_to_dict(net.cfg)), "weights": save(net.state_dict())}
+    ref = ResolvedModel(name="m", version="1", requested_uri="models:/m/1", download_uri="file:///x", tracking_uri="",
+                        class_names=("a", "b", "c"), channels=1, image_size=(28, 28), mean=(0.3,), std=(0.35,),
+                        max_pixels=10**6, alpha_background=255)
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    batch = {"input_id": np.array([str(i) for i in range(5)], dtype=object), "source": np.array([""] * 5, dtype=object),
+             "true_label": np.full(5, -1), "pixels": pixels, "error": np.array([""] * 5, dtype=object)}
+    x = (torch.from_numpy(pixels).float() / 255.0 - 0.3) / 0.35
+    with torch.no_grad():
+        probs = (net(x).softmax(-1) + net(x.flip(3)).softmax(-1)) / 2
+    rows = BatchPredictor(ref, package, top_k=2, tta="hflip")(batch).to_pylist()
+    assert [r["label"] for r in rows] == probs.argmax(-1).tolist()
+    got = torch.tensor([r["topk_probs"][0] for r in rows])
+    assert torch.allclose(got, probs.max(-1).values, atol=1e-5)
+    plain = BatchPredictor(ref, package, top_k=2)(batch).to_pylist()
+    assert torch.allclose(torch.tensor([r["topk_probs"][0] for r in plain]), net(x).softmax(-1).max(-1).values.detach(), atol=1e-5)

@@ -27,6 +27,7 @@ from vit_model import arch_from_dict, build_model, explain
 from .. import storage as st
 from ..config import AugmentConfig, PipelineConfig, StorageConfig
 from ..data.stream import StreamSpec, build_transform, decode_chw, read_shards
+from ..engine import with_tta
 from ..errors import ConfigError, first_line
 from ..imaging import InvalidImage, decode
 from ..plots import overlay_png
@@ -162,7 +163,7 @@ class BatchPredictor:
     """
 
     def __init__(self, model: ResolvedModel, package: Any, top_k: int, use_gpu: bool = False, threads: int = 1,
-                 explain_uri: str | None = None, storage: StorageConfig | None = None):
+                 explain_uri: str | None = None, storage: StorageConfig | None = None, tta: str = "none"):
         import ray  # here: the actor's process pays for these imports, not the driver's CLI
         import torch
         from safetensors.torch import load as load_safetensors
@@ -176,6 +177,8 @@ class BatchPredictor:
         self.top_k = max(1, min(int(top_k), model.num_classes))
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.net = net.eval().to(self.device)
+        self.scorer = with_tta(self.net, tta)  # the model, or its mean over the image and its mirror
+        self.tta = tta
         self.class_names = list(model.class_names)
         c = model.channels
         # (C, 1, 1), built like pipelines.data.stream's normalisation so the floats are identical
@@ -201,10 +204,10 @@ class BatchPredictor:
             with torch.inference_mode():
                 x = x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)  # (N, C, H, W) normalised
                 if self.explain_uri is None:
-                    logits = self.net(x).float()  # (N, num_classes)
+                    logits = self.scorer(x).float()  # (N, num_classes): logits, or log-probabilities with TTA
                 else:
                     logits, heat = explain(self.net, x)  # + (N, H, W) attention heatmaps in [0, 1]
-                    logits = logits.float()
+                    logits = logits.float() if self.tta == "none" else self.scorer(x).float()
                 probs = logits.softmax(dim=-1)
                 top = logits.topk(self.top_k, dim=-1)  # (N, k), sorted by logit
                 top_p = probs.gather(1, top.indices)
@@ -282,7 +285,8 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel,
     return ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model": model, "package": package, "top_k": ic.top_k, "use_gpu": ic.use_gpu,
-                               "threads": threads, "explain_uri": explain_uri, "storage": cfg.storage},
+                               "threads": threads, "explain_uri": explain_uri, "storage": cfg.storage,
+                               "tta": ic.tta},
         compute=ray.data.ActorPoolStrategy(size=ic.num_actors),
         batch_size=ic.batch_size, batch_format="numpy", num_cpus=ic.cpus_per_actor,
         num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=False,
