@@ -110,7 +110,8 @@ class EpochData:
 
 @dataclass
 class LocalSession:
-    """Single process, no Ray: checkpoints go to ``checkpoint_root/epoch-NNN`` when given."""
+    """Single process, no Ray: checkpoints go to ``checkpoint_root/epoch-NNN`` (mid-epoch ones to
+    ``checkpoint_root/step-SSSSSSSSS``) when given."""
 
     checkpoint_root: str | None = None
     resume_from: str | None = None
@@ -129,7 +130,8 @@ class LocalSession:
     def report(self, metrics, checkpoint_dir):
         self.reports.append(dict(metrics))
         if checkpoint_dir and self.checkpoint_root:
-            dst = Path(self.checkpoint_root, f"epoch-{metrics['epoch']:03d}")
+            name = f"step-{metrics['global_step']:09d}" if metrics.get(MID_EPOCH) else f"epoch-{metrics['epoch']:03d}"
+            dst = Path(self.checkpoint_root, name)
             shutil.copytree(checkpoint_dir, dst, dirs_exist_ok=True)
 
 
