@@ -203,3 +203,88 @@ def test_resume_refuses_another_world_size(local_ds, tmp_path):
     with pytest.raises(UserError, match=r"taken in epoch 0 after 32 samples per rank on 1 workers with batches of 16; "
                                         r"this run has 2 workers with batches of 8"):
         train_worker(make_spec(cfg, ds, None), data, session)
+
+
+# --------------------------------------------------------------------------------------------
+# On a real local Ray cluster
+# --------------------------------------------------------------------------------------------
+
+
+def _fail_after_mid_epoch_checkpoint(step: int):
+    """A Ray Train callback (it runs in the Train controller) that fails the run right after the
+    controller registered the mid-epoch checkpoint of global step ``step`` (a controller error:
+    Ray Train ends the run, it does not retry it)."""
+    from ray.train import UserCallback
+
+    class FailAt(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            row = metrics[0] if metrics else {}
+            if row.get("mid_epoch") and int(row["global_step"]) == step:
+                raise RuntimeError(f"injected failure after the checkpoint of step {step}")
+
+    return FailAt()
+
+
+@pytest.mark.integration
+def test_ray_run_interrupted_mid_epoch_sees_the_same_samples(ray_cluster, fmnist_idx, tmp_path):
+    from pipelines.trainer import fit
+
+    root = f"file://{tmp_path}/store"
+    overrides = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "train.epochs=2", "train.batch_size=16",
+                 "train.num_workers=2", "train.cpus_per_worker=0.5", "train.checkpoint_every_steps=5",
+                 "train.record_sample_ids=true", "train.keep_checkpoints=1"]
+    cfg = make_cfg(root, fmnist_idx.folder, *overrides)
+    version = prepare(cfg)
+    per_rank = version.count("train") // 2
+    steps = -(-per_rank // 8)
+    assert steps > 10  # mid-epoch checkpoints at global steps 5 and 10 in epoch 0
+    in_epoch1 = next(m for m in range(5, 2 * steps, 5) if m > steps + 1)  # one in epoch 1, after its first step
+
+    whole = fit(cfg, version, run_name="whole")
+    # the run fails right after a mid-epoch checkpoint; resubmitting it resumes at that checkpoint
+    with pytest.raises(Exception, match="injected failure"):
+        fit(cfg, version, run_name="cut", callbacks=[_fail_after_mid_epoch_checkpoint(in_epoch1)])
+    snapshot = st.read_json(st.join_uri(root, "train", "cut", "checkpoint_manager_snapshot.json"))
+    assert snapshot["latest_checkpoint_result"]["metrics"]["global_step"] == in_epoch1
+    cut = fit(cfg, version, run_name="cut")
+    assert cut.restarts == 1
+
+    def ids(result, rank):
+        return [i for c in read_sample_ids(result.run_uri, rank) for i in c["row_ids"]]
+
+    for rank in (0, 1):
+        assert len(ids(whole, rank)) == 2 * per_rank
+        assert ids(cut, rank) == ids(whole, rank), f"rank {rank}"
+    assert not set(ids(whole, 0)[:per_rank]) & set(ids(whole, 1)[:per_rank])  # the ranks share no row in an epoch
+    # the resumed runs' weights equal the uninterrupted run's (gloo's 2-rank all-reduce is deterministic)
+    a = _latest_weights(whole.latest_checkpoint_uri)
+    for result in (cut,):
+        assert [h["epoch"] for h in result.history] == [0, 1]
+        b = _latest_weights(result.latest_checkpoint_uri)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for e in (0, 1):
+            assert result.history[e]["train_loss"] == pytest.approx(whole.history[e]["train_loss"], rel=1e-9)
+            assert result.history[e]["val_acc"] == whole.history[e]["val_acc"]
+
+    # MLflow: one row of metrics per epoch, none from the mid-epoch reports; one run for both attempts
+    from pipelines import tracking
+
+    client = tracking.client(cfg)
+    assert sorted(m.step for m in client.get_metric_history(cut.mlflow_run_id, "val_acc")) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(cut.mlflow_run_id, "train_loss")) == [0, 1]
+    assert "checkpoint_score" not in client.get_run(cut.mlflow_run_id).data.metrics
+
+    # keep_checkpoints=1: Ray Train keeps the best epoch checkpoint and the latest; every mid-epoch
+    # one was evicted (a folder the failed attempt wrote after its last registered report may be
+    # left on storage, unregistered, as with epoch checkpoints)
+    for result in (whole, cut):
+        snapshot = st.read_json(st.join_uri(result.run_uri, "checkpoint_manager_snapshot.json"))
+        kept = snapshot["checkpoint_results"]
+        assert 1 <= len(kept) <= 2 and not any(r["metrics"].get("mid_epoch") for r in kept)
+        assert result.best_checkpoint_uri.endswith(max(kept, key=lambda r: r["metrics"]["val_acc"])["checkpoint_dir_name"])
+
+
+def _latest_weights(checkpoint_uri: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_bytes
+
+    return load_bytes(st.read_bytes(st.join_uri(checkpoint_uri, "state", "model.safetensors")))
