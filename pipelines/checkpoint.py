@@ -19,7 +19,9 @@ whole checkpoint or none; the caller may then copy it to object storage (e.g. Ra
 checks every file against the sizes and hashes in ``state.json``, and names the file at fault.
 
 RNG: the saving process's generators are stored. Under DDP only the saving rank is restored
-exactly; the other ranks resume with whatever their seeding gives them.
+exactly; the other ranks resume with whatever their seeding gives them. The training worker
+does not rely on them: it seeds every step from ``(seed, global step, rank)`` and every
+sample's augmentation from ``(seed, epoch, row id)``, so a resume draws the same numbers.
 """
 
 from __future__ import annotations
