@@ -29,7 +29,8 @@ from .architecture import arch_from_dict, pretrained_model
 from .architecture import build_model as new_model
 from .checkpoint import load_training_state, resume_position, save_training_state
 from .config import PipelineConfig, from_dict
-from .data.stream import iter_epoch
+from .data.shards import load_version
+from .data.stream import SeekableStream, iter_epoch
 from .engine import (
     ModelEma,
     NonFiniteLossError,
@@ -452,9 +453,6 @@ def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     try:
         if cfg.train.checkpoint_every_steps is not None:
             # exact mode: a deterministic, seekable per-rank order instead of Ray Data's streaming split
-            from .data.shards import load_version
-            from .data.stream import SeekableStream
-
             stream = SeekableStream(load_version(spec.dataset_uri, cfg.storage), "train", cfg, batch_size=per_worker,
                                     rank=session.rank, world_size=session.world_size)
             data = EpochData(train=stream.epoch, train_from=stream.epoch,
