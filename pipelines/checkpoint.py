@@ -10,7 +10,8 @@ A checkpoint is a directory::
     scaler.json             GradScaler state (fp16 only)
     rng.safetensors         torch CPU (and CUDA) generator states as uint8 tensors
     rng.json                python ``random`` and numpy states
-    state.json              epoch, step, metrics, config, and the size + sha256 of every file above
+    state.json              epoch, step, metrics, config, the position inside an unfinished epoch
+                            (mid-epoch checkpoints only), and the size + sha256 of every file above
 
 It is written into a temporary sibling directory and renamed into place, so a reader sees a
 whole checkpoint or none; the caller may then copy it to object storage (e.g. Ray Train's
@@ -18,7 +19,9 @@ whole checkpoint or none; the caller may then copy it to object storage (e.g. Ra
 checks every file against the sizes and hashes in ``state.json``, and names the file at fault.
 
 RNG: the saving process's generators are stored. Under DDP only the saving rank is restored
-exactly; the other ranks resume with whatever their seeding gives them.
+exactly; the other ranks resume with whatever their seeding gives them. The training worker
+does not rely on them: it seeds every step from ``(seed, global step, rank)`` and every
+sample's augmentation from ``(seed, epoch, row id)``, so a resume draws the same numbers.
 """
 
 from __future__ import annotations
@@ -254,13 +257,16 @@ def save_training_state(
     metrics: Mapping[str, Any],
     config_dict: Mapping[str, Any],
     rng: bool = True,
+    position: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the full training state into ``directory`` atomically; returns its path.
 
     ``epoch`` and ``step`` are the caller's counters (e.g. the last finished epoch and the global
     step); they come back from :func:`load_training_state` unchanged. ``metrics`` and
-    ``config_dict`` must be JSON values (numbers, strings, lists, dicts). An existing directory
-    of the same name is replaced.
+    ``config_dict`` must be JSON values (numbers, strings, lists, dicts). ``position`` marks a
+    mid-epoch checkpoint: ``epoch`` is then the unfinished epoch and ``position`` says how far
+    into it (``samples`` per rank, ``world_size``, ...; see :func:`resume_position`). An existing
+    directory of the same name is replaced.
     """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +294,7 @@ def save_training_state(
             "step": int(step),
             "metrics": _encode(dict(metrics), "metrics", tensors),
             "config": _encode(dict(config_dict), "config", tensors),
+            **({"position": _encode(dict(position), "position", tensors)} if position is not None else {}),
             "torch_version": torch.__version__,
             "files": files,
         }
@@ -307,6 +314,16 @@ def save_training_state(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def resume_position(state: Mapping[str, Any]) -> tuple[int, int]:
+    """``(epoch, samples)``: where a run restored from ``state`` (a checkpoint's state.json)
+    continues. After an epoch checkpoint that is the next epoch from its start; after a mid-epoch
+    one, the same epoch after the ``samples`` rows each rank had already trained on."""
+    position = state.get("position")
+    if position:
+        return int(state["epoch"]), int(position["samples"])
+    return int(state["epoch"]) + 1, 0
 
 
 def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:

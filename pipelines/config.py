@@ -128,6 +128,11 @@ class TrainConfig:
     run_name: str | None = None  # resubmitting with the same name resumes the run
     limit_train_batches: int | None = None  # for smoke tests
     limit_val_batches: int | None = None
+    # a mid-epoch checkpoint every N optimizer steps (None = at epoch ends only); a run resumed from
+    # one continues at the same sample of the same epoch order (docs/training.md, "Exact mid-epoch resume")
+    checkpoint_every_steps: int | None = None
+    # debug: every rank writes the row ids it trained on to <storage>/train/<run>/sample_ids/ (off)
+    record_sample_ids: bool = False
 
 
 @dataclass
@@ -310,6 +315,7 @@ VALUE_CHECKS = [
     ("train.precision", _one_of(*PRECISIONS)), ("train.num_workers", _at_least(1)),
     ("train.cpus_per_worker", _POSITIVE), ("train.keep_checkpoints", _at_least(1)), ("train.max_failures", _at_least(0)),
     ("train.limit_train_batches", _optional(_at_least(1))), ("train.limit_val_batches", _optional(_at_least(1))),
+    ("train.checkpoint_every_steps", _optional(_at_least(1))),
     ("tune.num_samples", _at_least(1)), ("tune.search", _one_of("random", "optuna")), ("tune.mode", _one_of("max", "min")),
     ("tune.grace_period", _at_least(1)), ("tune.reduction_factor", _at_least(2)),
     ("tune.max_concurrent_trials", _optional(_at_least(1))),
@@ -339,6 +345,10 @@ def _check_values(cfg: PipelineConfig) -> None:
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} + data.test_fraction={cfg.data.test_fraction} "
                           "must leave some training data (sum below 1)")
+    if cfg.train.checkpoint_every_steps is not None and not cfg.data.equal_shards:
+        raise ConfigError(f"train.checkpoint_every_steps={cfg.train.checkpoint_every_steps} needs data.equal_shards=true "
+                          "(a mid-epoch position is the same step on every rank); set data.equal_shards=true or "
+                          "train.checkpoint_every_steps=null")
 
 
 # user-chosen names that become folders under storage.uri (or MLflow run names beside them)

@@ -336,12 +336,15 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     limit_batches: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches``: forward, backward, clip, step, schedule, EMA.
 
     Returns ``train_loss`` (mean over samples, local to this rank), ``images``, ``steps``,
     ``seconds``, ``images_per_s``, ``lr`` (of the last step) and ``grad_norm`` (of the last step).
-    ``on_step`` gets ``{epoch, step, global_step, loss, lr, grad_norm, images}`` after each step.
+    ``on_step`` gets ``{epoch, step, global_step, loss, lr, grad_norm, images}`` after each step;
+    ``before_step`` gets the global step (``scheduler.last_epoch``) before each step's forward pass
+    (e.g. to seed that step's dropout/mixup from the step number).
 
     A NaN/inf loss raises :class:`NonFiniteLossError` before ``optimizer.step()``, so the weights
     and optimizer state keep their last finite values. Without a GradScaler a non-finite gradient
@@ -362,6 +365,8 @@ def train_one_epoch(
     for step, batch in enumerate(batches):
         if limit_batches is not None and step >= limit_batches:
             break
+        if before_step is not None:
+            before_step(scheduler.last_epoch)
         images, labels = unpack_batch(batch, device)
         targets = labels
         if mixup is not None:

@@ -20,14 +20,14 @@ from typing import Any
 from . import console, tracking
 from . import storage as st
 from .architecture import arch_to_dict, model_arch
-from .checkpoint import load_model_weights
+from .checkpoint import load_model_weights, resume_position
 from .config import PipelineConfig, StorageConfig, flatten, to_dict
-from .data.shards import DatasetVersion
-from .data.stream import build_dataset, stream_spec, train_data_config
+from .data.shards import DatasetVersion, verify_split
+from .data.stream import build_dataset, check_seekable, stream_spec, train_data_config
 from .errors import UserError
 from .plots import plot_confusion, plot_curves
 from .ray_setup import checkpoint_uri, ensure_ray, ray_storage
-from .train_worker import WorkerSpec, build_model, ray_train_loop
+from .train_worker import CHECKPOINT_SCORE, MID_EPOCH, WorkerSpec, build_model, ray_train_loop
 
 TASK = "train"  # the MLflow task tag of training runs
 MODEL_DIR = "model"  # <run dir>/model: the exported vit_model directory (what register packages)
@@ -90,16 +90,31 @@ def epoch_metrics_callbacks(spec: WorkerSpec) -> list:
 
         def after_report(self, run_context, metrics, checkpoint):
             row = metrics[0] if metrics else {}
-            if "val_acc" not in row or row.get("stopped"):
+            if "val_acc" not in row or row.get("stopped") or row.get(MID_EPOCH):  # one row per epoch
                 return
             if self._client is None:
                 from mlflow.tracking import MlflowClient
 
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            tracking.log_metrics(self._client, self.run_id, {k: v for k, v in row.items() if k != "epoch"},
+            tracking.log_metrics(self._client, self.run_id,
+                                 {k: v for k, v in row.items() if k not in ("epoch", CHECKPOINT_SCORE)},
                                  step=int(row["epoch"]))
 
     return [EpochMetricsToMlflow(spec.tracking_uri, spec.mlflow_run_id)]
+
+
+def tune_report_callback():
+    """Ray Tune's ``TuneReportCallback`` for epoch reports only: a mid-epoch checkpoint's report
+    (no validation) is not a Tune result, so ASHA's ``training_iteration`` stays the epoch count."""
+    from ray.tune.integration.ray_train import TuneReportCallback  # here: only Tune trials need it
+
+    class EpochTuneReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get(MID_EPOCH):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochTuneReport()
 
 
 def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str, start_epoch: int = 0,
@@ -109,14 +124,21 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
     from ray.train.torch import TorchTrainer
 
     storage_path, fs = ray_storage(cfg, "train")
-    datasets = {"train": build_dataset(version, "train", cfg, start_epoch=start_epoch),
-                "val": build_dataset(version, "val", cfg, train=False)}
+    exact = cfg.train.checkpoint_every_steps is not None
+    datasets = {"val": build_dataset(version, "val", cfg, train=False)}
+    if exact:  # the workers stream "train" themselves, in a seekable per-rank order (SeekableStream)
+        check_seekable(version, "train", cfg)
+        verify_split(version, "train", cfg.storage)
+    else:
+        datasets["train"] = build_dataset(version, "train", cfg, start_epoch=start_epoch)
     resume_at = functools.partial(latest_epoch_plus_one, cfg.storage.uri, run_name, cfg.storage)
     run_config = RunConfig(
         name=run_name, storage_path=storage_path, storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        # mid-epoch checkpoints have no val_acc: they are ranked by CHECKPOINT_SCORE, below every epoch's
         checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
-                                           checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+                                           checkpoint_score_attribute=CHECKPOINT_SCORE if exact else "val_acc",
+                                           checkpoint_score_order="max"),
         callbacks=[*(callbacks or []), *epoch_metrics_callbacks(spec), *console.train_callbacks(cfg.train.epochs)],
     )
     return TorchTrainer(ray_train_loop, train_loop_config={"spec": dataclasses.asdict(spec)},
@@ -126,7 +148,8 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
 
 # A run's settings: what it computes. Resuming a run needs all of them unchanged; --continue may
 # change the hyperparameters below (the schedule is rebuilt); anything else is a new run.
-_NOT_RUN_SETTINGS = ("train.run_name", "train.max_failures", "train.keep_checkpoints", "train.use_gpu")
+_NOT_RUN_SETTINGS = ("train.run_name", "train.max_failures", "train.keep_checkpoints", "train.use_gpu",
+                     "train.checkpoint_every_steps", "train.record_sample_ids")
 CONTINUE_SETTINGS = ("train.epochs", "train.lr", "train.min_lr", "train.weight_decay", "train.warmup_epochs",
                      "train.label_smoothing", "train.mixup_alpha", "train.cutmix_alpha", "train.clip_grad_norm",
                      "train.limit_train_batches", "train.limit_val_batches")
@@ -140,6 +163,9 @@ def run_settings(config: dict[str, Any], dataset_version: str | None) -> dict[st
             if k.startswith(("model.", "train.", "data.augment.")) and k not in _NOT_RUN_SETTINGS
             and v != {}}  # an empty mapping (model.args) is the absence of its keys
     keep.update({"data.shuffle": flat.get("data.shuffle"), "data.equal_shards": flat.get("data.equal_shards")})
+    # how often a run checkpoints does not change what it computes, but mid-epoch checkpoints
+    # switch the train split to the exact per-rank order (SeekableStream): a different data order
+    keep["data.order"] = "exact" if flat.get("train.checkpoint_every_steps") is not None else "ray-data"
     if dataset_version:
         keep["dataset.version"] = dataset_version
     return keep
@@ -149,6 +175,7 @@ def run_settings(config: dict[str, Any], dataset_version: str | None) -> dict[st
 class ResumePoint:
     epoch: int  # the first epoch to run: 0 for a new run
     changed: dict[str, tuple[Any, Any]]  # setting -> (the run's value, this config's value)
+    samples: int = 0  # rows per rank of `epoch` already trained on (a mid-epoch checkpoint)
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the checkpoints it registered
@@ -181,17 +208,24 @@ def latest_checkpoint_state(storage_uri: str, run_name: str, storage: StorageCon
             state_uri = st.join_uri(base, d, "state", "state.json")
             if d.startswith("checkpoint_") and st.exists(state_uri, storage):
                 state = st.read_json(state_uri, storage)
-                if newest is None or int(state["epoch"]) > int(newest["epoch"]):
+                if newest is None or _progress(state) > _progress(newest):
                     newest = state
     except st.ObjectNotFound:
         pass
     return newest
 
 
+def _progress(state: dict[str, Any]) -> tuple[int, int]:
+    """Orders a run's checkpoints: by epoch, then global step (a mid-epoch checkpoint of epoch e
+    comes after epoch e-1's and before epoch e's own)."""
+    return int(state["epoch"]), int(state.get("step", 0))
+
+
 def latest_epoch_plus_one(storage_uri: str, run_name: str, storage: StorageConfig) -> int:
-    """The epoch a (re)started worker group of the run resumes at: 0 before any checkpoint."""
+    """The epoch a (re)started worker group of the run resumes at: 0 before any checkpoint; the
+    checkpoint's own epoch when it was taken mid-epoch."""
     state = latest_checkpoint_state(storage_uri, run_name, storage)
-    return 0 if state is None else int(state["epoch"]) + 1
+    return 0 if state is None else resume_position(state)[0]
 
 
 def resume_point(cfg: PipelineConfig, run_name: str, version: DatasetVersion) -> ResumePoint:
@@ -204,7 +238,8 @@ def resume_point(cfg: PipelineConfig, run_name: str, version: DatasetVersion) ->
     before = run_settings(latest.get("config") or {}, saved_version)
     now = run_settings(to_dict(cfg), version.version if saved_version else None)
     changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
-    return ResumePoint(int(latest["epoch"]) + 1, changed)
+    epoch, samples = resume_position(latest)
+    return ResumePoint(epoch, changed, samples)
 
 
 def check_resume(run_name: str, point: ResumePoint, extend: bool) -> None:
@@ -223,11 +258,13 @@ def check_resume(run_name: str, point: ResumePoint, extend: bool) -> None:
     else:
         how = ("resume it with its own settings, pick a new train.run_name for a new run, or pass --continue to "
                "extend it with these hyperparameters (the schedule is recomputed)")
-    raise UserError(f"training run {run_name!r} (checkpointed at epoch {point.epoch - 1}) was started with other "
-                    f"settings: {shown}{more}; {how}")
+    where = (f"checkpointed in epoch {point.epoch} after {point.samples} samples per worker" if point.samples
+             else f"checkpointed at epoch {point.epoch - 1}")
+    raise UserError(f"training run {run_name!r} ({where}) was started with other settings: {shown}{more}; {how}")
 
 
-def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: bool = False) -> WorkerSpec:
+def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: bool = False,
+              run_name: str = "") -> WorkerSpec:
     pretrained = cfg.model.pretrained
     if pretrained and "://" not in pretrained and not pretrained.startswith("hf-hub:") and not Path(pretrained).exists():
         raise UserError(f"model.pretrained={pretrained!r} does not exist; give a vit_model directory, a weights file, "
@@ -238,7 +275,7 @@ def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: b
         train_count=version.count("train"), val_count=version.count("val"), mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking.resolve_tracking_uri(cfg) if mlflow_run_id else None,
         pretrained=cfg.model.pretrained, threads=max(1, int(round(cfg.train.cpus_per_worker))),
-        dataset_version=version.version, extend=extend, log_epochs=False,
+        dataset_version=version.version, extend=extend, log_epochs=False, dataset_uri=version.uri, run_name=run_name,
     )
 
 
@@ -263,7 +300,7 @@ def fit(cfg: PipelineConfig, version: DatasetVersion, *, run_name: str | None = 
         tag = f"pipeline.continued.epoch_{point.epoch}"
         client.set_tag(run_id, tag, json.dumps({k: b for k, (_, b) in point.changed.items()}, default=str)[:5000])
         tracking.log_text(client, run_id, tracking.config_yaml(cfg), f"config-continued-epoch{point.epoch}.yaml")
-    spec = make_spec(cfg, version, run_id, extend=bool(point.changed))
+    spec = make_spec(cfg, version, run_id, extend=bool(point.changed), run_name=run_name)
     ensure_ray(cfg)
     try:
         trainer = build_trainer(cfg, spec, version, run_name, start_epoch=point.epoch, callbacks=callbacks)
@@ -284,17 +321,18 @@ def fit(cfg: PipelineConfig, version: DatasetVersion, *, run_name: str | None = 
         tracking.end_run(client, run_id, "FAILED")
         where = f"the last good checkpoint is {checkpoint_uri(cfg, latest)}" if latest else "no checkpoint was written"
         raise TrainingStopped(f"training {run_name!r} stopped: {summary['stopped'].split(';')[0]}; {where}")
-    if not result.best_checkpoints:
+    epoch_checkpoints = [(c, m) for c, m in result.best_checkpoints if not m.get(MID_EPOCH)]
+    if not epoch_checkpoints:
         tracking.end_run(client, run_id, "FAILED")
         raise UserError(f"training {run_name!r} finished without a checkpoint; check train.epochs (>= 1)")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
+    best_ckpt, best_metrics = max(epoch_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
     model_uri = st.join_uri(run_uri, MODEL_DIR)
     with best_ckpt.as_directory() as d:
         history = export_model(Path(d, "state"), spec, version, model_uri, cfg, use_ema=cfg.train.ema_decay > 0)
     out = TrainResult(
         run_name=run_name, mlflow_run_id=run_id, run_uri=run_uri, model_uri=model_uri,
         best_checkpoint_uri=checkpoint_uri(cfg, best_ckpt.path), latest_checkpoint_uri=checkpoint_uri(cfg, latest),
-        metrics={k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
+        metrics={k: v for k, v in best_metrics.items() if isinstance(v, (int, float)) and k != CHECKPOINT_SCORE},
         history=summary.get("history") or history, restarts=int(summary.get("restarts", 0)),
         dataset_uri=version.uri, dataset_version=version.version, seconds=time.time() - t0,
     )

@@ -33,7 +33,7 @@ from .data.shards import DatasetVersion, dataset_from_config, load_version
 from .errors import ConfigError, UserError, first_line
 from .ray_setup import checkpoint_uri, ensure_ray, pinned_paths, ray_storage
 from .trainer import TASK as TRAIN_TASK
-from .trainer import export_model, fit, make_spec, run_settings
+from .trainer import export_model, fit, make_spec, run_settings, tune_report_callback
 
 TASK = "tune"
 SWEEP_FILE = "sweep.json"  # <storage>/tune/<name>/sweep.json: the settings the sweep was started with
@@ -152,12 +152,11 @@ def overrides_of(sampled: dict[str, Any], space: dict[str, Any]) -> list[str]:
 def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_id: str, version_uri: str) -> None:
     """One trial: a full training run, reporting every epoch to Tune through the callback."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = config_from_dict(base, overrides_of(config, base["tune"]["space"]))
     trial_id = tune.get_context().get_trial_id()
     version = load_version(version_uri, cfg.storage)
-    fit(cfg, version, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    fit(cfg, version, run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id, callbacks=[tune_report_callback()])
 
 
 def max_concurrent(cfg: PipelineConfig) -> int:

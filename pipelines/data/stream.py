@@ -130,11 +130,36 @@ def batch_seed(seed: int, row_ids: np.ndarray) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threads: bool = True) -> dict[str, np.ndarray]:
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a cheap, well-mixed hash."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(_MASK64)
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(_MASK64)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, row_ids: np.ndarray) -> np.ndarray:
+    """One 63-bit augmentation seed per row from ``(seed, epoch, row_id)``: a row's augmentation
+    in an epoch does not depend on its batch, its rank or where an interrupted epoch resumed."""
+    base = _splitmix64(np.array([int(seed) & _MASK64], dtype=np.uint64))
+    base = _splitmix64(base ^ np.uint64(int(epoch) & _MASK64))
+    ids = np.asarray(row_ids, dtype=np.int64).astype(np.uint64)
+    return (_splitmix64(base ^ ids) >> np.uint64(1)).astype(np.int64)
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threads: bool = True,
+                     epoch: int | None = None) -> dict[str, np.ndarray]:
     """Shard rows -> model inputs: ``{"image": float32 (N, C, H, W), "label": int64, "row_id": int64}``.
 
     Runs inside Ray Data's ``map_batches`` tasks (``limit_threads`` keeps torch to one thread per
-    task on small machines) and in :func:`iter_local_batches`.
+    task on small machines), in :func:`iter_local_batches` and :class:`SeekableStream`.
+
+    Training augmentation is seeded per batch from ``(train.seed, row ids)`` when ``epoch`` is
+    None (the Ray Data path, which does not know the epoch inside its tasks), and per sample from
+    ``(train.seed, epoch, row_id)`` (:func:`sample_seeds`) when ``epoch`` is given.
     """
     if limit_threads and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
@@ -148,10 +173,12 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threa
     row_ids = np.asarray(batch["row_id"], dtype=np.int64)
     n, (h, w), c = len(pixels), spec.size, spec.channels
     out = torch.empty((n, c, h, w), dtype=torch.uint8)
+    per_sample = spec.train and epoch is not None
+    seeds = sample_seeds(spec.seed, epoch, row_ids).tolist() if per_sample else None
     with torch.random.fork_rng(devices=[]):
-        if spec.train and spec.deterministic:
+        if spec.train and spec.deterministic and not per_sample:
             torch.manual_seed(batch_seed(spec.seed, row_ids))
-        else:
+        elif not per_sample:
             torch.seed()
         transforms: dict[tuple[int, int], Any] = {}
         for i, t in enumerate(pixels):
@@ -161,6 +188,8 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threa
             if hw not in transforms:
                 transforms[hw] = build_transform(spec, hw)
             tf = transforms[hw]
+            if seeds is not None and tf is not None:
+                torch.manual_seed(seeds[i])
             out[i] = tf(t) if tf is not None else t
         x = out.to(torch.float32).div_(255.0).sub_(spec.mean).div_(spec.std)  # (N, C, H, W) normalised
         if spec.train and spec.augment.random_erasing > 0:
@@ -168,6 +197,8 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threa
 
             erase = v2.RandomErasing(p=spec.augment.random_erasing, value=0)
             for i in range(n):
+                if seeds is not None:
+                    torch.manual_seed(seeds[i] ^ 1)  # the row's erasing draw, independent of its crop/flip
                 x[i] = erase(x[i])
     return {"image": x.numpy(), "label": np.asarray(batch["label"], dtype=np.int64), "row_id": row_ids}
 
@@ -387,3 +418,101 @@ def iter_local_batches(version: DatasetVersion, split: str, cfg: PipelineConfig,
         out = preprocess_batch({"image": images[idx], "label": labels[idx], "row_id": row_ids[idx]}, spec,
                                limit_threads=False)
         yield {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# A deterministic, seekable per-rank stream (exact mid-epoch resume)
+# --------------------------------------------------------------------------------------------
+
+
+def rank_order(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True) -> np.ndarray:
+    """Positions (into the split ordered by row id) that ``rank`` trains on in ``epoch``, in order.
+
+    The epoch's global order is :func:`epoch_permutation` (or 0..n-1 without ``shuffle``); it is
+    cut to ``world_size * (n // world_size)`` rows (the at most ``world_size - 1`` rows left over
+    differ per epoch) and rank r takes positions r, r + world_size, ...: every rank gets the same
+    number of rows (DDP), each row of the cut order goes to exactly one rank, and the whole thing
+    is a function of its arguments only."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n)
+    per_rank = n // world_size
+    return order[rank:per_rank * world_size:world_size]
+
+
+def seekable_bytes(version: DatasetVersion, split: str, cfg: PipelineConfig) -> int:
+    """Bytes that :class:`SeekableStream` keeps in each worker's memory for ``split``."""
+    if cache_decoded(version, split, cfg):
+        h, w = version.image_size
+        return version.count(split) * version.channels * h * w
+    return sum(s.bytes for s in version.shards(split))
+
+
+def check_seekable(version: DatasetVersion, split: str, cfg: PipelineConfig) -> None:
+    """Refuse (one line) a split too large for :class:`SeekableStream`'s in-memory copy."""
+    need = seekable_bytes(version, split, cfg)
+    if need > cfg.data.cache_max_bytes:
+        raise ConfigError(
+            f"train.checkpoint_every_steps keeps the {split!r} split in every worker's memory ({need / 2**20:.0f} MiB "
+            f"> data.cache_max_bytes={cfg.data.cache_max_bytes}); raise data.cache_max_bytes if the workers have the "
+            "memory, or set train.checkpoint_every_steps=null (epoch checkpoints, Ray Data streaming)")
+
+
+class SeekableStream:
+    """One rank's training batches in an order that is a function of ``(train.seed, epoch, rank,
+    world_size)`` only, and that can start at any sample of an epoch.
+
+    Ray Data's ``streaming_split`` hands blocks to whichever worker asks first, so a worker's
+    sequence of rows is not reproducible and cannot be resumed at a position; this stream is the
+    path for ``train.checkpoint_every_steps``. It reads the split's shards once (checked against
+    the manifest) and keeps them in memory — decoded uint8 pixels when the split qualifies for
+    ``data.cache_decoded``, else the PNG bytes — ordered by row id. :meth:`epoch` with ``start=k``
+    skips the first k rows of the rank's epoch order by slicing an index array: the skipped rows
+    are never decoded or augmented. Augmentation is seeded per sample from ``(seed, epoch,
+    row_id)`` (:func:`sample_seeds`), so the rows after ``start`` come out bit-identical to the
+    uninterrupted epoch's. Decoding and augmentation run in the caller's thread (torchvision draws
+    from torch's global generator, which a prefetch thread would share with dropout).
+    """
+
+    def __init__(self, version: DatasetVersion, split: str, cfg: PipelineConfig, *, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        import pyarrow as pa
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.seed, self.shuffle = cfg.train.seed, cfg.data.shuffle
+        self.spec = stream_spec(version, cfg, train=True)
+        tables = list(iter_shard_batches(version, split, cfg.storage, READ_COLUMNS))
+        if not tables:
+            raise DataError(f"split {split!r} of {version.uri} is empty; prepare it with more data or use another split")
+        table = pa.concat_tables(tables)
+        by_id = np.argsort(table.column("row_id").to_numpy(), kind="stable")
+        self.row_ids = table.column("row_id").to_numpy()[by_id]
+        self.labels = table.column("label").to_numpy()[by_id]
+        encoded = table.column("image").to_numpy(zero_copy_only=False)[by_id]
+        if cache_decoded(version, split, cfg):
+            self.images, self.decoded = decode_batch({"image": encoded, "label": self.labels,
+                                                      "row_id": self.row_ids})["pixels"], True
+        else:
+            self.images, self.decoded = encoded, False
+
+    def __len__(self) -> int:
+        """Rows per rank and epoch."""
+        return len(self.row_ids) // self.world_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Positions (into the row-id order) of this rank's rows in ``epoch``."""
+        return rank_order(len(self.row_ids), self.seed, epoch, self.rank, self.world_size, self.shuffle)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """``{"image", "label", "row_id"}`` batches of ``epoch`` from the rank's ``start``-th row on."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        positions = self.order(epoch)[start:]
+        for first in range(0, len(positions), self.batch_size):
+            idx = positions[first:first + self.batch_size]
+            rows = {"label": self.labels[idx], "row_id": self.row_ids[idx],
+                    ("pixels" if self.decoded else "image"): self.images[idx]}
+            out = preprocess_batch(rows, self.spec, limit_threads=False, epoch=epoch)
+            yield {k: torch.from_numpy(v) for k, v in out.items()}
