@@ -54,9 +54,17 @@ class TuneResult:
     trials: list[dict[str, Any]]
     result_uri: str
     seconds: float
+    # ASHA's saving: epochs the trials ran vs. what running every trial to train.epochs would cost
+    trial_epochs: int = 0
+    trial_epochs_full: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def compute_ratio(self) -> float:
+        """Trial-epochs run / trial-epochs of running every trial to the end (1.0 = nothing saved)."""
+        return self.trial_epochs / self.trial_epochs_full if self.trial_epochs_full else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +354,7 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
         best_metrics={k: v for k, v in (best_result.metrics or {}).items() if isinstance(v, (int, float))},
         best_run_name=best["run_name"], best_run_id=best.get("run_id"),
         best_checkpoint_uri=checkpoint_uri(cfg, best_ckpt), model_uri=model_uri, trials=trials, result_uri=result_uri,
-        seconds=time.time() - t0,
+        seconds=time.time() - t0, trial_epochs=sum(t["iterations"] for t in trials), trial_epochs_full=len(trials) * epochs,
     )
     st.write_json(result_uri, out.to_dict(), cfg.storage)
     tracking.log_json(client, parent_id, out.to_dict(), "best_trial.json")
@@ -355,7 +363,8 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
                        ("best_config", str(out.best_config)), ("best_" + cfg.tune.metric, str(best["metric"]))):
         client.set_tag(parent_id, f"pipeline.{key}", value[:5000])
     tracking.log_metrics(client, parent_id, {f"best_{cfg.tune.metric}": best["metric"],
-                                             "trials": float(len(trials)),
+                                             "trials": float(len(trials)), "trial_epochs": float(out.trial_epochs),
+                                             "asha_compute_ratio": out.compute_ratio,
                                              "trials_early_stopped": float(sum(t["early_stopped"] for t in trials))}, step=0)
     return out
 
@@ -376,7 +385,9 @@ def _export_best(cfg: PipelineConfig, best: dict[str, Any], checkpoint_path: str
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     result = tune(cfg, resume=args.resume)
     stopped = sum(t["early_stopped"] for t in result.trials)
-    print(f"sweep {result.name}: {len(result.trials)} trials ({stopped} stopped early by ASHA), {result.seconds:.0f} s")
+    print(f"sweep {result.name}: {len(result.trials)} trials ({stopped} stopped early by ASHA), {result.seconds:.0f} s; "
+          f"{result.trial_epochs} of {result.trial_epochs_full} trial-epochs run ({result.compute_ratio:.2f}x the compute of "
+          "running every trial to the end)")
     print(f"best trial {result.best_trial_id}: {cfg.tune.metric}={result.best_metrics.get(cfg.tune.metric)} "
           f"config={result.best_config}")
     print(f"parent mlflow run: {result.parent_run_id}")

@@ -99,6 +99,8 @@ def test_asha_sweep_nested_runs_early_stop_and_resume(ray_cluster, fmnist_idx, t
     assert len(result.trials) == 3
     stopped = [t for t in result.trials if t["early_stopped"]]
     assert len(stopped) >= 1 and all(t["iterations"] < 3 for t in stopped)
+    assert result.trial_epochs == sum(t["iterations"] for t in result.trials) < result.trial_epochs_full == 9
+    assert result.compute_ratio == result.trial_epochs / 9
     assert any(t["config"] == {"train.lr": 1.0e-9} for t in stopped)
     finished = [t for t in result.trials if not t["early_stopped"]]
     assert result.best_metrics["val_acc"] == max(t["metric"] for t in finished)
