@@ -92,7 +92,8 @@ def param_space(cfg: PipelineConfig) -> dict[str, Any]:
             raise ConfigError(f"tune.space.model.{kind}: a whole model is picked with choice or grid, "
                               "e.g. model: {choice: [{name: vit_tiny_patch4, args: {embed_dim: 64}}, ...]}")
         # a value of each kind is checked; every candidate model is checked in full
-        for example in (args if key.startswith("model") and kind in ("choice", "grid") else args[:1]):
+        checked = list(model_choices(args).values()) if key == "model" else args
+        for example in (checked if key.startswith("model") and kind in ("choice", "grid") else checked[:1]):
             _check_space_value(cfg, key, example)
         if kind == "loguniform":
             out[key] = tune.loguniform(*args)
@@ -110,11 +111,14 @@ def param_space(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def model_choices(sections: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Labels for the whole-model candidates of ``tune.space.model``: the model name, or
-    ``NAME#i`` when a name appears more than once. Searchers sample the label (Optuna takes only
-    plain values); :func:`overrides_of` turns it back into the model section."""
-    names = [str(m.get("name")) for m in sections]
-    return {(n if names.count(n) == 1 else f"{n}#{i}"): m for i, (n, m) in enumerate(zip(names, sections))}
+    """Labels for the whole-model candidates of ``tune.space.model``: a section's own ``label``,
+    else the model name, or ``NAME#i`` when a name appears more than once. Searchers sample the
+    label (Optuna takes only plain values); :func:`overrides_of` turns it back into the model
+    section (without ``label``)."""
+    names = [str(m.get("label") or m.get("name")) if isinstance(m, dict) else str(m) for m in sections]
+    labels = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+    return {label: ({k: v for k, v in m.items() if k != "label"} if isinstance(m, dict) else m)
+            for label, m in zip(labels, sections)}
 
 
 def _check_space_value(cfg: PipelineConfig, key: str, value: Any) -> None:
@@ -136,7 +140,7 @@ def _check_space_value(cfg: PipelineConfig, key: str, value: Any) -> None:
 
 
 def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 def overrides_of(sampled: dict[str, Any], space: dict[str, Any]) -> list[str]:

@@ -122,3 +122,14 @@ def test_tune_space_model_choice_samples_labels_and_expands_to_whole_sections():
 def test_tune_space_model_choice_refuses_what_no_trial_could_build(space, message):
     with pytest.raises(ConfigError, match=message):
         param_space(load_config(None, [space]))
+
+
+def test_tune_space_model_choice_labels_name_trials_and_are_not_model_keys():
+    from pipelines.tune import overrides_of
+
+    space = ("tune.space={model: {grid: [{label: small, name: vit_tiny_patch7, args: {embed_dim: 16, depth: 1, num_heads: 2}}, "
+             "{label: cct, name: cct_7_3x1_28, args: {embed_dim: 32, depth: 1, num_heads: 2}}]}}")
+    cfg = load_config(None, [space])
+    assert param_space(cfg)["model"] == {"grid_search": ["small", "cct"]}
+    trial = load_config(None, [space, *overrides_of({"model": "small"}, cfg.tune.space)])
+    assert (trial.model.name, trial.model.args) == ("vit_tiny_patch7", {"embed_dim": 16, "depth": 1, "num_heads": 2})
