@@ -57,10 +57,18 @@ from PIL import Image  # noqa: E402
 
 from pipelines.config import load_config  # noqa: E402
 from pipelines.data.shards import iter_shard_batches  # noqa: E402
-from pipelines.data.stream import build_transform, decode_chw, preprocess_batch, stream_spec  # noqa: E402
+from pipelines.data.stream import (  # noqa: E402
+    build_dataset,
+    build_transform,
+    cache_decoded,
+    decode_chw,
+    preprocess_batch,
+    stream_spec,
+)
 from pipelines.prepare import prepare  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+STAGES = ("per_core", "train_step", "ray_ingest", "pipeline")
 MiB = 2**20
 
 
@@ -212,9 +220,11 @@ def ray_processes() -> list[psutil.Process]:
 
 
 def store_stats() -> dict:
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # our cluster's GCS, by address: other users' clusters on this machine make auto-detection fail
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     out: dict = {}
     m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
     if m:
@@ -307,6 +317,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="per-core stages: best of this many")
     p.add_argument("--object-store-mib", type=int, default=200, help="object store of the ingest cluster (stage 4)")
     p.add_argument("--ingest-epochs", type=int, default=2)
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="stages after fixture + prepare (default: all)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/jpeg224.json"))
     args = p.parse_args()
@@ -387,88 +399,89 @@ def main() -> None:
 
         # 2. ingest per core ----------------------------------------------------------------
         jpegs = sorted((work / "jpeg").rglob("*.jpg"))
-        doc["ingest_per_core"] = per_core_ingest(version, cfg, jpegs, args.repeats)
-        ipc = doc["ingest_per_core"]
-        ipc["load_average"] = list(os.getloadavg())
-        print("ingest per core (1 thread): " + ", ".join(f"{k} {v['images_per_s']}" for k, v in ipc.items() if isinstance(v, dict))
+        if "per_core" in args.stages:
+            doc["ingest_per_core"] = ipc = per_core_ingest(version, cfg, jpegs, args.repeats)
+            ipc["load_average"] = list(os.getloadavg())
+            print("ingest per core (1 thread): " + ", ".join(f"{k} {v['images_per_s']}" for k, v in ipc.items() if isinstance(v, dict))
               + " img/s", flush=True)
         save()
 
         # 3. training consumption -------------------------------------------------------------
-        doc["train_step"] = train_step_rate(args.threads, args.batch_size, steps=6, repeats=args.repeats)
-        ts = doc["train_step"]
-        ts["load_average"] = list(os.getloadavg())
-        print(f"train step (plain torch, {args.threads} threads, batch {args.batch_size}): {ts['images_per_s']} img/s "
-              f"({ts['images_per_s_per_core']} per core)", flush=True)
-        save()
+        if "train_step" in args.stages:
+            doc["train_step"] = train_step_rate(args.threads, args.batch_size, steps=6, repeats=args.repeats)
+            ts = doc["train_step"]
+            ts["load_average"] = list(os.getloadavg())
+            print(f"train step (plain torch, {args.threads} threads, batch {args.batch_size}): {ts['images_per_s']} img/s "
+                  f"({ts['images_per_s_per_core']} per core)", flush=True)
+            save()
 
         # 4. Ray Data ingest + footprint, object store smaller than the decoded split ---------
-        decoded_bytes = n_train * 3 * 224 * 224
-        doc["ray_ingest"] = {"object_store_mib": args.object_store_mib, "decoded_train_mib": round(decoded_bytes / MiB),
-                             "shard_train_mib": round(sum(s.bytes for s in version.shards("train")) / MiB),
-                             "ray_num_cpus": 2, "batch_size": args.batch_size, "runs": {}}
-        from pipelines.data.stream import build_dataset, cache_decoded
-
-        ray.init(num_cpus=2, object_store_memory=args.object_store_mib * MiB, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", _temp_dir=f"/tmp/ray-jpeg224-{os.getpid()}", log_to_driver=False,
-                 configure_logging=False)
-        idle = Sampler()
-        idle.sample()
-        doc["ray_ingest"]["idle"] = idle.samples[-1]
-        for name, cache_max in (("stream_cache_too_small", decoded_bytes // 2), ("cache_forced_spills", 4 * decoded_bytes)):
-            cfg_i = load_config(None, base + [f"data.cache_max_bytes={cache_max}"])
-            cached = cache_decoded(version, "train", cfg_i)
-            with Sampler() as s:
-                t0 = time.perf_counter()
-                ds = build_dataset(version, "train", cfg_i)
-                ds.context.execution_options.preserve_order = True
-                build_s = time.perf_counter() - t0
-                epochs = timed_epochs(ds, args.ingest_epochs, args.batch_size)
-            run = {"cache_decoded": cached, "cache_max_mib": round(cache_max / MiB), "build_s": round(build_s, 2),
-                   "epochs": epochs, **s.summary()}
-            run["load_average"] = list(os.getloadavg())
-            run["images_per_s_per_core"] = round(epochs[-1]["images_per_s"] / 2, 1)  # the last epoch: past start-up
-            doc["ray_ingest"]["runs"][name] = run
-            print(f"ray data, {name} (cached={cached}): build {run['build_s']} s, epochs "
-                  f"{[e['images_per_s'] for e in epochs]} img/s; peak object store {run['peak_plasma_mib']} MiB, "
-                  f"spilled {run['spilled_mib']} MiB, restored {run['restored_mib']} MiB, Ray RSS {run['peak_ray_rss_mib']} "
-                  f"MiB / PSS {run['peak_ray_pss_mib']} MiB", flush=True)
-            save()
-            del ds
-        ray.shutdown()
+        if "ray_ingest" in args.stages:
+            decoded_bytes = n_train * 3 * 224 * 224
+            doc["ray_ingest"] = {"object_store_mib": args.object_store_mib, "decoded_train_mib": round(decoded_bytes / MiB),
+                                 "shard_train_mib": round(sum(s.bytes for s in version.shards("train")) / MiB),
+                                 "ray_num_cpus": 2, "batch_size": args.batch_size, "runs": {}}
+            ray.init(num_cpus=2, object_store_memory=args.object_store_mib * MiB, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", _temp_dir=f"/tmp/ray-jpeg224-{os.getpid()}", log_to_driver=False,
+                     configure_logging=False)
+            idle = Sampler()
+            idle.sample()
+            doc["ray_ingest"]["idle"] = idle.samples[-1]
+            for name, cache_max in (("stream_cache_too_small", decoded_bytes // 2), ("cache_forced_spills", 4 * decoded_bytes)):
+                cfg_i = load_config(None, base + [f"data.cache_max_bytes={cache_max}"])
+                cached = cache_decoded(version, "train", cfg_i)
+                with Sampler() as s:
+                    t0 = time.perf_counter()
+                    ds = build_dataset(version, "train", cfg_i)
+                    ds.context.execution_options.preserve_order = True
+                    build_s = time.perf_counter() - t0
+                    epochs = timed_epochs(ds, args.ingest_epochs, args.batch_size)
+                run = {"cache_decoded": cached, "cache_max_mib": round(cache_max / MiB), "build_s": round(build_s, 2),
+                       "epochs": epochs, **s.summary()}
+                run["load_average"] = list(os.getloadavg())
+                run["images_per_s_per_core"] = round(epochs[-1]["images_per_s"] / 2, 1)  # the last epoch: past start-up
+                doc["ray_ingest"]["runs"][name] = run
+                print(f"ray data, {name} (cached={cached}): build {run['build_s']} s, epochs "
+                      f"{[e['images_per_s'] for e in epochs]} img/s; peak object store {run['peak_plasma_mib']} MiB, "
+                      f"spilled {run['spilled_mib']} MiB, restored {run['restored_mib']} MiB, Ray RSS {run['peak_ray_rss_mib']} "
+                      f"MiB / PSS {run['peak_ray_pss_mib']} MiB", flush=True)
+                save()
+                del ds
+            ray.shutdown()
 
         # 5. prepare -> train -> register -> infer through the pipeline -------------------------
-        from pipelines.infer import infer
-        from pipelines.register import register
-        from pipelines.train import train
+        if "pipeline" in args.stages:
+            from pipelines.infer import infer
+            from pipelines.register import register
+            from pipelines.train import train
 
-        cfg_t = load_config(None, base + [f"train.limit_train_batches={args.train_steps}", "train.limit_val_batches=10",
-                                          "train.run_name=jpeg224"])
-        steps_in_epoch = min(args.train_steps, n_train // args.batch_size)
-        with Sampler(period=2.0) as s:
+            cfg_t = load_config(None, base + [f"train.limit_train_batches={args.train_steps}", "train.limit_val_batches=10",
+                                              "train.run_name=jpeg224"])
+            steps_in_epoch = min(args.train_steps, n_train // args.batch_size)
+            with Sampler(period=2.0) as s:
+                t0 = time.perf_counter()
+                result = train(cfg_t, version=version)
+                train_wall = time.perf_counter() - t0
+            last = result.history[-1]
+            doc["train"] = {"steps": steps_in_epoch, "batch_size": args.batch_size, "workers": 1,
+                            "cpus_per_worker": args.threads, "precision": cfg_t.train.precision,
+                            "cache_decoded": cache_decoded(version, "train", cfg_t),
+                            "images_per_s_in_loop": round(last["images_per_s"], 2), "epoch_seconds": round(last["epoch_seconds"], 1),
+                            "wall_seconds": round(train_wall, 1), "val_acc": round(result.metrics.get("val_acc", float("nan")), 4),
+                            "footprint": s.summary(), "load_average": list(os.getloadavg())}
+            print(f"train: {steps_in_epoch} steps, {doc['train']['images_per_s_in_loop']} img/s in the loop, "
+                  f"val_acc {doc['train']['val_acc']}, wall {doc['train']['wall_seconds']} s; Ray RSS peak "
+                  f"{doc['train']['footprint']['peak_ray_rss_mib']} MiB", flush=True)
+            save()
             t0 = time.perf_counter()
-            result = train(cfg_t, version=version)
-            train_wall = time.perf_counter() - t0
-        last = result.history[-1]
-        doc["train"] = {"steps": steps_in_epoch, "batch_size": args.batch_size, "workers": 1,
-                        "cpus_per_worker": args.threads, "precision": cfg_t.train.precision,
-                        "cache_decoded": cache_decoded(version, "train", cfg_t),
-                        "images_per_s_in_loop": round(last["images_per_s"], 2), "epoch_seconds": round(last["epoch_seconds"], 1),
-                        "wall_seconds": round(train_wall, 1), "val_acc": round(result.metrics.get("val_acc", float("nan")), 4),
-                        "footprint": s.summary(), "load_average": list(os.getloadavg())}
-        print(f"train: {steps_in_epoch} steps, {doc['train']['images_per_s_in_loop']} img/s in the loop, "
-              f"val_acc {doc['train']['val_acc']}, wall {doc['train']['wall_seconds']} s; Ray RSS peak "
-              f"{doc['train']['footprint']['peak_ray_rss_mib']} MiB", flush=True)
-        save()
-        t0 = time.perf_counter()
-        reg = register(cfg_t, result.model_uri)
-        register_s = time.perf_counter() - t0
-        r = infer(cfg_t, input_uri=version.uri, model_uri=f"models:/{reg.model_name}@champion", job_name="jpeg224")
-        doc["infer"] = {"images": r.input_count, "seconds": r.seconds, "ray_images_per_s": r.timings["ray_images_per_s"],
-                        "images_per_s": r.images_per_s, "accuracy": r.accuracy, "register_seconds": round(register_s, 1),
-                        "actors": 1, "cpus_per_actor": 2, "load_average": list(os.getloadavg())}
-        print(f"register {register_s:.1f} s; infer {r.input_count} test images in {r.seconds:.1f} s "
-              f"({r.timings['ray_images_per_s']} img/s in the Ray job), accuracy {r.accuracy}", flush=True)
+            reg = register(cfg_t, result.model_uri)
+            register_s = time.perf_counter() - t0
+            r = infer(cfg_t, input_uri=version.uri, model_uri=f"models:/{reg.model_name}@champion", job_name="jpeg224")
+            doc["infer"] = {"images": r.input_count, "seconds": r.seconds, "ray_images_per_s": r.timings["ray_images_per_s"],
+                            "images_per_s": r.images_per_s, "accuracy": r.accuracy, "register_seconds": round(register_s, 1),
+                            "actors": 1, "cpus_per_actor": 2, "load_average": list(os.getloadavg())}
+            print(f"register {register_s:.1f} s; infer {r.input_count} test images in {r.seconds:.1f} s "
+                  f"({r.timings['ray_images_per_s']} img/s in the Ray job), accuracy {r.accuracy}", flush=True)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -476,17 +489,23 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    # ratios, all within this run ----------------------------------------------------------------
-    ipc, ts = doc["ingest_per_core"], doc["train_step"]
-    per_core = ipc["shards_total"]["images_per_s"]
-    doc["ratios"] = {
-        "ingest_per_core_vs_train_step_2_threads": round(per_core / ts["images_per_s"], 2),
-        "ingest_per_core_vs_pipeline_train_loop": round(per_core / doc["train"]["images_per_s_in_loop"], 2),
-        "cores_of_ingest_per_trainer_here": round(ts["images_per_s"] / per_core, 3),
-        "jpeg_pil_vs_shards_png": round(ipc["jpeg_files_pil_rrc_flip_normalise"]["images_per_s"] / per_core, 2),
-        "jpeg_torchvision_vs_shards_png": round(ipc["jpeg_files_torchvision_rrc_flip_normalise"]["images_per_s"] / per_core, 2),
-        "ray_stream_per_core_vs_one_process": round(doc["ray_ingest"]["runs"]["stream_cache_too_small"]["images_per_s_per_core"] / per_core, 2),
-    }
+    # ratios, all within this run (those whose stages ran) -----------------------------------------
+    ratios: dict = {}
+    ipc, ts = doc.get("ingest_per_core"), doc.get("train_step")
+    if ipc:
+        per_core = ipc["shards_total"]["images_per_s"]
+        ratios["jpeg_pil_vs_shards_png"] = round(ipc["jpeg_files_pil_rrc_flip_normalise"]["images_per_s"] / per_core, 2)
+        ratios["jpeg_torchvision_vs_shards_png"] = round(
+            ipc["jpeg_files_torchvision_rrc_flip_normalise"]["images_per_s"] / per_core, 2)
+        if ts:
+            ratios["ingest_per_core_vs_train_step_2_threads"] = round(per_core / ts["images_per_s"], 2)
+            ratios["cores_of_ingest_per_trainer_here"] = round(ts["images_per_s"] / per_core, 3)
+        if "train" in doc:
+            ratios["ingest_per_core_vs_pipeline_train_loop"] = round(per_core / doc["train"]["images_per_s_in_loop"], 2)
+        if "ray_ingest" in doc:
+            ratios["ray_stream_per_core_vs_one_process"] = round(
+                doc["ray_ingest"]["runs"]["stream_cache_too_small"]["images_per_s_per_core"] / per_core, 2)
+    doc["ratios"] = ratios
     doc["load_average_at_end"] = list(os.getloadavg())
     doc["wall_seconds"] = round(time.time() - started, 1)
     print("ratios:")
