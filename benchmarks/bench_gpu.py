@@ -206,7 +206,7 @@ def run_config(impl: str, compiled: bool, fused: bool, args: argparse.Namespace,
         "status": "ok", "seconds": round(elapsed, 4), "step_ms": round(1000 * elapsed / args.steps, 3),
         "images_per_s": round(ips, 2), "loss": round(float(loss.detach()), 4),
         "achieved_tflops": round(ips * train_flops / 1e12, 3),
-        "mfu": round(ips * train_flops / (peak_tflops * 1e12), 4) if peak_tflops else None,
+        "mfu": round(ips * train_flops / (peak_tflops * 1e12), 6) if peak_tflops else None,
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
     })
     return row
