@@ -253,6 +253,23 @@ def test_ema_update_equals_formula_and_skips_integer_buffers():
         ModelEma(model, decay=1.0)
 
 
+
+def test_ema_decay_warms_up_with_the_global_step():
+    model = tiny_vit()
+    ema = ModelEma(model, decay=0.999)
+    # (1 + t) / (10 + t): 2/11 after the first step, 0.5 at step 8, capped by decay from t = 8990
+    assert ema.decay_at(1) == pytest.approx(2 / 11) and ema.decay_at(8) == pytest.approx(0.5)
+    assert ema.decay_at(8989) < 0.999 and ema.decay_at(9000) == 0.999 and ema.decay_at(None) == 0.999
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=1)
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ema.state_dict()[name], (2 / 11) * before[name] + (9 / 11) * value)
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
