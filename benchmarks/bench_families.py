@@ -12,7 +12,7 @@ horizontal-flip TTA). Reported per family: params, FLOPs per image, epochs, the 
 seconds (close to, not exactly, the budget), val and test accuracy.
 
     python benchmarks/bench_families.py --budget 300 [--families vit hybrid t2t swin] [--threads 2]
-                                        [--store DIR] [--out benchmarks/results/families_300s.json]
+                                        [--augment] [--store DIR] [--out benchmarks/results/families_300s.json]
 
 Ray Train with 2 workers x 1 CPU runs the same loop at 0.9-1.2x this speed here (bench_train.py),
 so a budget measured in-process is close to the same budget through ``python -m pipelines train``.
@@ -45,12 +45,13 @@ from vit_model import flops_per_image
 
 # One recipe per family: sizes of ~0.2-0.6 M parameters and ~10-40 MFLOPs per 28x28 image, the
 # regime a 2-core CPU trains in minutes; optimizer settings from the exploration in the README.
-COMMON = ["data.augment.random_crop_padding=2", "data.augment.hflip=0.5", "train.label_smoothing=0.1",
-          "train.weight_decay=0.05", "train.warmup_epochs=0.5", "train.batch_size=128"]
+COMMON = ["train.label_smoothing=0.0", "train.weight_decay=0.05", "train.warmup_epochs=0.5", "train.batch_size=128"]
+# --augment (for long budgets: short ones underfit, and augmentation costs them accuracy)
+AUGMENT = ["data.augment.random_crop_padding=2", "data.augment.hflip=0.5", "train.label_smoothing=0.1"]
 FAMILIES: dict[str, list[str]] = {
     "vit": ["model.name=vit_tiny_patch4", "model.args.patch_size=4", "model.args.embed_dim=64", "model.args.depth=4",
             "model.args.num_heads=4", "model.args.global_pool=avg", "train.lr=0.002"],
-    "hybrid": ["model.name=vit_tiny_convstem_28", "model.args.stem_channels=[32,64]", "model.args.stem_strides=[2,2]",
+    "hybrid": ["model.name=vit_tiny_convstem_28", "model.args.stem_channels=[16,32,64]", "model.args.stem_strides=[1,2,2]",
                "model.args.embed_dim=64", "model.args.depth=4", "model.args.num_heads=2", "model.args.mlp_ratio=2.0",
                "model.args.class_token=false", "model.args.global_pool=avg", "train.lr=0.003"],
     "cct": ["model.name=cct_7_3x1_28", "model.args.embed_dim=64", "model.args.depth=4", "model.args.num_heads=2",
@@ -71,8 +72,9 @@ def timed_train(spec, version, cfg, threads: int, root: Path):
     return summary, time.perf_counter() - t0
 
 
-def run_family(family: str, base: list[str], version, budget: float, threads: int, calib_steps: int, work: Path) -> dict:
-    overrides = base + COMMON + FAMILIES[family]
+def run_family(family: str, base: list[str], version, budget: float, threads: int, calib_steps: int, work: Path,
+               augment: bool) -> dict:
+    overrides = base + COMMON + (AUGMENT if augment else []) + FAMILIES[family]
     # calibration: the time to read the split and make the first batch (paid once per epoch), then
     # calib_steps training steps + a full validation pass
     calib = load_config(None, overrides + ["train.epochs=1", f"train.limit_train_batches={calib_steps}"])
@@ -121,6 +123,7 @@ def main() -> None:
     p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calib-steps", type=int, default=40)
+    p.add_argument("--augment", action="store_true", help="random crop (pad 2) + h-flip + smoothing 0.1 for every family")
     p.add_argument("--store", default=None, help="storage folder to prepare into / reuse (default: a temp folder)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -129,9 +132,11 @@ def main() -> None:
     base = [f"storage.uri=file://{store}", f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db"]
     version = prepare(load_config(None, base))
     torch.set_num_threads(args.threads)
-    rows = [run_family(f, base, version, args.budget, args.threads, args.calib_steps, work) for f in args.families]
+    rows = [run_family(f, base, version, args.budget, args.threads, args.calib_steps, work, args.augment)
+            for f in args.families]
     doc = {"benchmark": "test accuracy per model family at an equal training budget", "dataset": version.uri,
-           "budget_s": args.budget, "threads": args.threads, "common_overrides": COMMON,
+           "budget_s": args.budget, "threads": args.threads,
+           "common_overrides": COMMON + (AUGMENT if args.augment else []),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "results": rows}
     out = Path(args.out or f"benchmarks/results/families_{int(args.budget)}s.json")
