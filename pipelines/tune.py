@@ -187,9 +187,11 @@ def _searcher(cfg: PipelineConfig):
         return None
     if cfg.tune.search == "optuna":
         try:
+            import optuna
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise ConfigError("tune.search=optuna needs optuna: pip install 'vit-pipeline[optuna]'") from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-study INFO lines are not for the console
         return OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.train.seed)
     raise ConfigError(f"tune.search={cfg.tune.search!r} is not supported; use 'random' or 'optuna'")
 
