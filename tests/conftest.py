@@ -129,6 +129,30 @@ def ray_cluster(s3_endpoint):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _release_placement_groups(request):
+    """Remove the placement groups a test on the shared cluster leaves behind.
+
+    A Train run whose controller fails, or a trial that ASHA stops, can leave its worker group's
+    placement group reserved after the test (Ray releases it with the driver process that created
+    it, which here is the whole pytest session). On the 4-CPU session cluster two such leftovers
+    starve later tests: a Ray Data read then waits forever for a CPU. Each test starts from the
+    reservations that existed before it."""
+    if "ray_cluster" not in request.fixturenames:
+        yield
+        return
+    from ray.util import placement_group_table
+
+    before = set(placement_group_table())
+    yield
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id, info in placement_group_table().items():
+        if pg_id not in before and info.get("state") != "REMOVED":
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+
+
 # --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
