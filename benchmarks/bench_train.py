@@ -2,15 +2,21 @@
 
 Baseline: :func:`pipelines.train_worker.train_worker` in this process (``LocalSession``) over batches
 already decoded and normalised in memory — no Ray, no data pipeline. Measured: the full
-``python -m pipelines train`` path (TorchTrainer, Ray Data streaming from the Parquet shards,
-DDP over gloo) with 1 and 2 workers, same model, same global batch. Epoch time is the time of
-the last epoch (the first pays for worker start-up and warm-up); ratio = Ray / plain (goal
+``python -m pipelines train`` path (TorchTrainer, the train split held by each worker
+(``data.stream=memory``) or streamed by Ray Data every epoch (``ray``), DDP over gloo) with 1 and
+2 workers, same model, same global batch. Epoch time is the mean over
+the epochs after the first (which pays for worker start-up and warm-up); ratio = Ray / plain (goal
 <= 1.05). Same threads in total: the plain loop uses ``--threads`` (default 2) torch threads,
-Ray workers split them. ``--runs`` picks the Ray runs; by default the 2-worker run is repeated
-with ``data.cache_decoded=false`` (PNG decode every epoch instead of once per run).
+Ray workers split them. ``--runs`` picks the Ray runs (``ray-nocache``: Ray Data streaming with
+``data.cache_decoded=false``, PNG decode every epoch instead of once per run).
 
-    python benchmarks/bench_train.py [--train-images 12000] [--epochs 2] [--runs 1:cache 2:cache 2:nocache]
-                                     [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py [--config configs/local.yaml] [--train-images 12000] [--epochs 2]
+                                     [--runs 2:memory 2:ray 2:ray-nocache 1:memory] [--out benchmarks/results/train.json]
+
+``--config`` takes the model and training recipe (EMA, optimizer, ...) from a config file (storage,
+data source, epochs and batch size are the benchmark's); ``--model`` overrides go on top. The
+plain loop runs before and after the Ray runs (the machine's speed drifts between runs of a few
+minutes here); the ratio is against the mean of the two.
 """
 
 from __future__ import annotations
@@ -60,66 +66,100 @@ def subset_idx(folder: Path, n_train: int, n_test: int) -> None:
         write(name, read(name)[:n])
 
 
+STREAMS = {"memory": ["data.stream=memory"], "ray": ["data.stream=ray", "data.cache_decoded=true"],
+           "ray-nocache": ["data.stream=ray", "data.cache_decoded=false"]}
+
+
+def steady(history: list[dict]) -> dict:
+    """Mean epoch time and in-loop rate over the epochs after the first (which pays for start-up)."""
+    rows = history[1:] or history
+    return {"epoch_seconds": sum(r["epoch_seconds"] for r in rows) / len(rows),
+            "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
+            "data_wait_fraction": sum(r.get("data_wait_fraction", 0.0) for r in rows) / len(rows),
+            "epochs_measured": len(rows)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--config", default=None, help="take the model/recipe from this config file")
     p.add_argument("--train-images", type=int, default=12000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", nargs="*", default=["model.args.embed_dim=64", "model.args.depth=6", "model.args.num_heads=4",
-                                                  "model.args.patch_size=4"])
+    p.add_argument("--model", nargs="*", default=None, help="config overrides (default without --config: "
+                   "p4 d64 L6 h4)")
+    default_model = ["model.args.embed_dim=64", "model.args.depth=6", "model.args.num_heads=4",
+                     "model.args.patch_size=4"]
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--runs", nargs="*", default=["1:cache", "2:cache", "2:nocache"],
-                   help="Ray Train runs as WORKERS:cache|nocache (data.cache_decoded on/off)")
+    p.add_argument("--runs", nargs="*", default=["2:memory", "2:ray", "1:memory"],
+                   help="Ray Train runs as WORKERS:MODE; MODE: memory (data.stream=memory), ray (data.stream=ray, "
+                        "decoded cache), ray-nocache (data.stream=ray, PNG decode every epoch)")
     p.add_argument("--out", default="benchmarks/results/train.json")
     args = p.parse_args()
     runs = []
     for r in args.runs:
         w, _, mode = r.partition(":")
-        if not w.isdigit() or int(w) < 1 or mode not in ("cache", "nocache"):
-            p.error(f"--runs {r!r}: use WORKERS:cache or WORKERS:nocache, e.g. 2:cache")
-        runs.append((int(w), mode == "cache"))
+        if not w.isdigit() or int(w) < 1 or mode not in STREAMS:
+            p.error(f"--runs {r!r}: use WORKERS:MODE with MODE one of {', '.join(STREAMS)}, e.g. 2:memory")
+        runs.append((int(w), mode))
 
+    model = args.model if args.model is not None else ([] if args.config else default_model)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     n_val = args.train_images // 9
     subset_idx(work / "idx", args.train_images + n_val, 1000)
     base = [f"storage.uri=file://{work}/store", f"data.source_dir={work}/idx", f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-            f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "data.val_fraction=0.1", *args.model]
-    cfg = load_config(None, base)
+            f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "data.val_fraction=0.1", *model]
+    cfg = load_config(args.config, base)
     version = prepare(cfg)
     n_train = version.count("train")
 
     # plain single process over in-memory batches
-    torch.set_num_threads(args.threads)
     val_batches = list(iter_local_batches(version, "val", cfg, batch_size=args.batch_size))
     epoch_batches = {e: list(iter_local_batches(version, "train", cfg, batch_size=args.batch_size, epoch=e))
                      for e in range(args.epochs)}
     spec = make_spec(cfg, version, None)
     spec.threads = args.threads
-    summary = train_worker(spec, EpochData(train=lambda e: epoch_batches[e], val=lambda: val_batches), LocalSession())
-    plain = summary["history"][-1]
-    rows = [{"mode": "plain", "workers": 1, "epoch_seconds": plain["epoch_seconds"],
-             "train_images_per_s": plain["images_per_s"]}]
-    print(f"plain loop      : last epoch {plain['epoch_seconds']:.1f} s, {plain['images_per_s']:.0f} img/s in the loop", flush=True)
+    rows = []
 
-    for workers, cache in runs:
+    def plain_run(when: str) -> dict:
+        torch.set_num_threads(args.threads)
+        summary = train_worker(spec, EpochData(train=lambda e: epoch_batches[e], val=lambda: val_batches),
+                               LocalSession())
+        last = steady(summary["history"])
+        rows.append({"mode": "plain", "when": when, "workers": 1, **last})
+        print(f"plain loop ({when}): {last['epoch_seconds']:.1f} s per epoch, {last['images_per_s']:.0f} img/s in the "
+              "loop", flush=True)
+        return last
+
+    plain_first = plain_run("before")
+    ray_rows = []
+    for workers, mode in runs:
         per_worker = max(1, args.threads // workers)
-        cfg_w = load_config(None, base + [f"train.num_workers={workers}", f"train.cpus_per_worker={per_worker}",
-                                          f"train.run_name=bench-{workers}w-{cache}", "ray.num_cpus=4",
-                                          f"data.cache_decoded={str(cache).lower()}"])
+        cfg_w = load_config(args.config, base + [f"train.num_workers={workers}", f"train.cpus_per_worker={per_worker}",
+                                                 f"train.run_name=bench-{workers}w-{mode}", "ray.num_cpus=4",
+                                                 *STREAMS[mode]])
         t0 = time.time()
         result = train(cfg_w, version=version)
-        last = result.history[-1]
-        rows.append({"mode": "ray_train", "workers": workers, "cache_decoded": cache, "epoch_seconds": last["epoch_seconds"],
-                     "train_images_per_s": last["images_per_s"], "wall_seconds": time.time() - t0,
-                     "ratio_vs_plain": last["epoch_seconds"] / plain["epoch_seconds"]})
-        print(f"ray train {workers} wkr, cache_decoded={cache}: last epoch {last['epoch_seconds']:.1f} s, "
-              f"{last['images_per_s']:.0f} img/s in the loop, ratio vs plain {rows[-1]['ratio_vs_plain']:.3f} "
-              f"(wall {rows[-1]['wall_seconds']:.0f} s incl. start-up)", flush=True)
-
+        last = steady(result.history)
+        ray_rows.append({"mode": "ray_train", "workers": workers, "stream": mode, **last,
+                         "wall_seconds": time.time() - t0})
+        print(f"ray train {workers} wkr, {mode}: {last['epoch_seconds']:.1f} s per epoch, "
+              f"{last['images_per_s']:.0f} img/s in the loop, waiting for data "
+              f"{100 * (last.get('data_wait_fraction') or 0):.1f} % (wall {ray_rows[-1]['wall_seconds']:.0f} s incl. "
+              "start-up)", flush=True)
     import ray
 
-    doc = {"benchmark": "Ray Train epoch time vs plain loop", "train_images": n_train, "epochs": args.epochs,
-           "global_batch": args.batch_size, "model": args.model, "threads": args.threads,
+    ray.shutdown()  # the plain loop runs without a Ray cluster beside it, as before the Ray runs
+    plain_last = plain_run("after")
+    plain_seconds = (plain_first["epoch_seconds"] + plain_last["epoch_seconds"]) / 2
+    for r in ray_rows:
+        r["ratio_vs_plain"] = r["epoch_seconds"] / plain_seconds
+        print(f"ratio vs plain (mean of before/after, {plain_seconds:.1f} s): {r['workers']} worker(s), "
+              f"{r['stream']}: {r['ratio_vs_plain']:.3f}", flush=True)
+    rows += ray_rows
+
+    doc = {"benchmark": "Ray Train epoch time vs plain loop", "date": time.strftime("%Y-%m-%d"), "train_images": n_train, "epochs": args.epochs,
+           "global_batch": args.batch_size, "config": args.config, "model": model, "threads": args.threads,
+           "plain_epoch_seconds": plain_seconds,
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "torch": torch.__version__, "ray": ray.__version__, "results": rows}
     out = Path(args.out)

@@ -88,6 +88,13 @@ class DataConfig:
     # many decoded bytes; larger ones are decoded from the shards every epoch).
     cache_decoded: bool = True
     cache_max_bytes: int = 1 * 2**30
+    # How the train split reaches the workers. "ray": Ray Data streams it every epoch (a global
+    # shuffle, then streaming_split across the workers): any dataset size. "memory": every worker
+    # keeps the split in memory (decoded pixels when it qualifies for cache_decoded, else the PNG
+    # bytes) and takes its rows of a seeded global permutation per epoch: no per-epoch Ray Data
+    # work, and the order train.checkpoint_every_steps needs. "auto": "memory" when the decoded
+    # split fits data.cache_max_bytes (and data.equal_shards), "ray" otherwise. docs/data.md.
+    stream: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -274,6 +281,7 @@ def _refuse_moved_model_keys(data: dict[str, Any]) -> None:
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO_AUGMENT = (None, "trivial", "randaugment")
 TTA_MODES = ("none", "hflip")
+STREAM_MODES = ("auto", "ray", "memory")  # data.stream
 
 
 def _at_least(n: float):
@@ -302,7 +310,7 @@ VALUE_CHECKS = [
     ("data.val_fraction", _FRACTION), ("data.test_fraction", _FRACTION), ("data.shard_rows", _at_least(1)),
     ("data.shard_max_bytes", _at_least(1)), ("data.max_image_pixels", _at_least(1)),
     ("data.alpha_background", ((lambda v: 0 <= v <= 255), "must be in 0..255")), ("data.read_threads", _at_least(1)),
-    ("data.cache_max_bytes", _at_least(0)),
+    ("data.cache_max_bytes", _at_least(0)), ("data.stream", _one_of(*STREAM_MODES)),
     ("data.augment.random_crop_padding", _at_least(0)), ("data.augment.hflip", _PROBABILITY),
     ("data.augment.auto_augment", _one_of(*AUTO_AUGMENT)), ("data.augment.randaugment_magnitude", _at_least(0)),
     ("data.augment.random_erasing", _PROBABILITY),
@@ -345,6 +353,13 @@ def _check_values(cfg: PipelineConfig) -> None:
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} + data.test_fraction={cfg.data.test_fraction} "
                           "must leave some training data (sum below 1)")
+    if cfg.train.checkpoint_every_steps is not None and cfg.data.stream == "ray":
+        raise ConfigError(f"train.checkpoint_every_steps={cfg.train.checkpoint_every_steps} needs the seekable per-worker "
+                          "order of data.stream=memory (Ray Data's streaming split cannot resume at a sample); set "
+                          "data.stream=memory (or auto), or train.checkpoint_every_steps=null")
+    if cfg.data.stream == "memory" and not cfg.data.equal_shards:
+        raise ConfigError("data.stream=memory gives every worker the same number of rows per epoch; "
+                          "data.equal_shards=false (every row exactly once, uneven counts) needs data.stream=ray")
     if cfg.train.checkpoint_every_steps is not None and not cfg.data.equal_shards:
         raise ConfigError(f"train.checkpoint_every_steps={cfg.train.checkpoint_every_steps} needs data.equal_shards=true "
                           "(a mid-epoch position is the same step on every rank); set data.equal_shards=true or "

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import math
 import random
 import time
@@ -331,6 +332,9 @@ def build_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradSca
 # --------------------------------------------------------------------------------------------
 
 
+_END = object()
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -350,7 +354,9 @@ def train_one_epoch(
     """One pass over ``batches``: forward, backward, clip, step, schedule, EMA.
 
     Returns ``train_loss`` (mean over samples, local to this rank), ``images``, ``steps``,
-    ``seconds``, ``images_per_s``, ``lr`` (of the last step) and ``grad_norm`` (of the last step).
+    ``seconds``, ``images_per_s``, ``data_wait_seconds`` (time blocked waiting for the next batch:
+    the input pipeline's share of ``seconds``), ``lr`` (of the last step) and ``grad_norm`` (of the
+    last step).
     ``on_step`` gets ``{epoch, step, global_step, loss, lr, grad_norm, images}`` after each step;
     ``before_step`` gets the global step (``scheduler.last_epoch``) before each step's forward pass
     (e.g. to seed that step's dropout/mixup from the step number).
@@ -368,11 +374,17 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else math.inf
 
-    loss_sum, images_seen, steps = 0.0, 0, 0
+    loss_sum, images_seen, steps, data_wait = 0.0, 0, 0, 0.0
     lr, grad_norm = optimizer.param_groups[0]["lr"], 0.0
     t0 = time.perf_counter()
-    for step, batch in enumerate(batches):
+    batch_iter = iter(batches)
+    for step in itertools.count():
         if limit_batches is not None and step >= limit_batches:
+            break
+        waited = time.perf_counter()
+        batch = next(batch_iter, _END)  # the time blocked here is the input pipeline's share
+        data_wait += time.perf_counter() - waited
+        if batch is _END:
             break
         if before_step is not None:
             before_step(scheduler.last_epoch)
@@ -439,6 +451,7 @@ def train_one_epoch(
         "steps": steps,
         "seconds": seconds,
         "images_per_s": images_seen / seconds if seconds > 0 else 0.0,
+        "data_wait_seconds": data_wait,
         "lr": lr,
         "grad_norm": grad_norm,
     }
@@ -542,7 +555,7 @@ def reduce_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
     Accepts the dict from :func:`evaluate` (sums loss, counts, confusion matrix and recomputes the
     rates) or from :func:`train_one_epoch` (sample-weighted mean loss, total images and steps,
-    slowest rank's seconds). A no-op copy when torch.distributed is not initialized. Every rank
+    slowest rank's seconds and data wait). A no-op copy when torch.distributed is not initialized. Every rank
     must call it (it is a collective).
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -560,11 +573,15 @@ def reduce_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     if "train_loss" in metrics:
         sums = torch.tensor([metrics["train_loss"] * metrics["images"], metrics["images"], metrics["steps"]],
                             dtype=torch.float64, device=device)
-        slowest = torch.tensor([metrics["seconds"]], dtype=torch.float64, device=device)
+        slowest = torch.tensor([metrics["seconds"], metrics.get("data_wait_seconds", 0.0)], dtype=torch.float64,
+                               device=device)
         dist.all_reduce(sums)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         loss_total, images, steps = sums.tolist()
-        seconds = slowest.item()
-        return {**metrics, "train_loss": loss_total / max(1.0, images), "images": int(images), "steps": int(steps),
-                "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0}
+        seconds, data_wait = slowest.tolist()
+        out = {**metrics, "train_loss": loss_total / max(1.0, images), "images": int(images), "steps": int(steps),
+               "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0}
+        if "data_wait_seconds" in metrics:
+            out["data_wait_seconds"] = data_wait
+        return out
     raise ValueError(f"reduce_metrics expects evaluate() or train_one_epoch() output, got keys {sorted(metrics)}")

@@ -30,7 +30,7 @@ from .architecture import build_model as new_model
 from .checkpoint import load_training_state, resume_position, save_training_state
 from .config import PipelineConfig, from_dict
 from .data.shards import load_version
-from .data.stream import SeekableStream, iter_epoch
+from .data.stream import EXACT, RAY_DATA, SeekableStream, iter_epoch
 from .engine import (
     ModelEma,
     NonFiniteLossError,
@@ -64,7 +64,8 @@ class WorkerSpec:
     # after a lost node is never logged twice
     log_epochs: bool = True
     extend: bool = False  # --continue: restored optimizer/schedule take this config's hyperparameters
-    dataset_uri: str = ""  # the version's folder: exact mode (train.checkpoint_every_steps) reads it itself
+    dataset_uri: str = ""  # the version's folder: the exact order (data.stream=memory) reads it itself
+    data_order: str = RAY_DATA  # data.stream resolved for the version (pipelines.data.stream.train_order)
     run_name: str = ""  # <storage>/train/<run_name>: where train.record_sample_ids writes
 
     @property
@@ -213,7 +214,7 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
     optimizer = build_optimizer(model, tc)
     per_worker_batch = max(1, tc.batch_size // session.world_size)
     every = tc.checkpoint_every_steps
-    if every is not None:  # exact mode: every rank gets train_count // world_size rows (rank_order)
+    if spec.data_order == EXACT:  # every rank gets train_count // world_size rows (rank_order)
         steps_per_epoch = max(1, math.ceil((spec.train_count // session.world_size) / per_worker_batch))
     else:
         steps_per_epoch = max(1, math.ceil(spec.train_count / session.world_size / per_worker_batch))
@@ -282,7 +283,8 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
                      "steps": local["steps"], "seconds": time.perf_counter() - local["t0"]}))
                 position = {"samples": skip + local["images"], "world_size": session.world_size,
                             "per_worker_batch": per_worker_batch, "partial": so_far}
-                metrics = {"history": history, "restarts": restarts, "dataset_version": spec.dataset_version}
+                metrics = {"history": history, "restarts": restarts, "dataset_version": spec.dataset_version,
+                           "data_order": spec.data_order}
                 if recorder is not None:
                     recorder.flush(epoch, info["global_step"])
                 with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
@@ -311,6 +313,8 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
             row = {
                 "epoch": epoch, "train_loss": tr["train_loss"], "val_loss": val["loss"], "val_acc": val["acc1"],
                 "lr": tr["lr"], "images_per_s": tr["images"] / max(tr["seconds"], 1e-9),
+                # the share of the epoch's train time spent waiting for batches (input-bound if high)
+                "data_wait_fraction": tr.get("data_wait_seconds", 0.0) / max(tr["seconds"], 1e-9),
                 "epoch_seconds": time.perf_counter() - t0, "train_images": tr["images"], "val_images": val["count"],
                 "restarts": restarts,
             }
@@ -321,8 +325,8 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
                 recorder.flush(epoch, scheduler.last_epoch)
             with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
                 ckpt = checkpoint_files(tmp, epoch, {"history": history, "confusion": val["confusion"],
-                                                     "restarts": restarts, "dataset_version": spec.dataset_version},
-                                        None)
+                                                     "restarts": restarts, "dataset_version": spec.dataset_version,
+                                                     "data_order": spec.data_order}, None)
                 if logger and spec.log_epochs:
                     logger.epoch(row)
                 session.report({**row, CHECKPOINT_SCORE: row["val_acc"]} if every is not None else row, ckpt)
@@ -451,8 +455,9 @@ def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     with_ids = cfg.train.record_sample_ids and bool(spec.run_name)
     val_shard = ray.train.get_dataset_shard("val")
     try:
-        if cfg.train.checkpoint_every_steps is not None:
-            # exact mode: a deterministic, seekable per-rank order instead of Ray Data's streaming split
+        if spec.data_order == EXACT:
+            # the split in this worker's memory: a deterministic, seekable per-rank order, no per-epoch
+            # Ray Data execution (data.stream; Ray Data still streams "val")
             stream = SeekableStream(load_version(spec.dataset_uri, cfg.storage), "train", cfg, batch_size=per_worker,
                                     rank=session.rank, world_size=session.world_size)
             data = EpochData(train=stream.epoch, train_from=stream.epoch,

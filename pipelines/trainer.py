@@ -23,7 +23,7 @@ from .architecture import arch_to_dict, model_arch
 from .checkpoint import load_model_weights, resume_position
 from .config import PipelineConfig, StorageConfig, flatten, to_dict
 from .data.shards import DatasetVersion, verify_split
-from .data.stream import build_dataset, check_seekable, stream_spec, train_data_config
+from .data.stream import EXACT, RAY_DATA, build_dataset, check_seekable, stream_spec, train_data_config, train_order
 from .errors import UserError
 from .plots import plot_confusion, plot_curves
 from .ray_setup import checkpoint_uri, ensure_ray, ray_storage
@@ -124,9 +124,10 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
     from ray.train.torch import TorchTrainer
 
     storage_path, fs = ray_storage(cfg, "train")
-    exact = cfg.train.checkpoint_every_steps is not None
+    exact = spec.data_order == EXACT
+    mid_epoch = cfg.train.checkpoint_every_steps is not None
     datasets = {"val": build_dataset(version, "val", cfg, train=False)}
-    if exact:  # the workers stream "train" themselves, in a seekable per-rank order (SeekableStream)
+    if exact:  # the workers hold "train" themselves, in a seekable per-rank order (SeekableStream)
         check_seekable(version, "train", cfg)
         verify_split(version, "train", cfg.storage)
     else:
@@ -137,7 +138,7 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         # mid-epoch checkpoints have no val_acc: they are ranked by CHECKPOINT_SCORE, below every epoch's
         checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
-                                           checkpoint_score_attribute=CHECKPOINT_SCORE if exact else "val_acc",
+                                           checkpoint_score_attribute=CHECKPOINT_SCORE if mid_epoch else "val_acc",
                                            checkpoint_score_order="max"),
         callbacks=[*(callbacks or []), *epoch_metrics_callbacks(spec), *console.train_callbacks(cfg.train.epochs)],
     )
@@ -155,17 +156,20 @@ CONTINUE_SETTINGS = ("train.epochs", "train.lr", "train.min_lr", "train.weight_d
                      "train.limit_train_batches", "train.limit_val_batches")
 
 
-def run_settings(config: dict[str, Any], dataset_version: str | None) -> dict[str, Any]:
+def run_settings(config: dict[str, Any], dataset_version: str | None, data_order: str | None = None) -> dict[str, Any]:
     """The flat settings that define what a training run computes (model, train, augmentation,
-    data order, dataset version), from a config dict as checkpoints store it."""
+    data order, dataset version), from a config dict as checkpoints store it. ``data_order`` is
+    the run's resolved :func:`~pipelines.data.stream.train_order`; without it (checkpoints from
+    before ``data.stream``) it is derived from ``train.checkpoint_every_steps`` as it was then."""
     flat = flatten(config)
     keep = {k: v for k, v in flat.items()
             if k.startswith(("model.", "train.", "data.augment.")) and k not in _NOT_RUN_SETTINGS
             and v != {}}  # an empty mapping (model.args) is the absence of its keys
     keep.update({"data.shuffle": flat.get("data.shuffle"), "data.equal_shards": flat.get("data.equal_shards")})
-    # how often a run checkpoints does not change what it computes, but mid-epoch checkpoints
-    # switch the train split to the exact per-rank order (SeekableStream): a different data order
-    keep["data.order"] = "exact" if flat.get("train.checkpoint_every_steps") is not None else "ray-data"
+    # how the train split reaches the workers (data.stream, resolved) decides the data order; how
+    # often a run checkpoints does not change what it computes
+    keep.pop("data.stream", None)
+    keep["data.order"] = data_order or (EXACT if flat.get("train.checkpoint_every_steps") is not None else RAY_DATA)
     if dataset_version:
         keep["dataset.version"] = dataset_version
     return keep
@@ -235,8 +239,10 @@ def resume_point(cfg: PipelineConfig, run_name: str, version: DatasetVersion) ->
     if latest is None:
         return ResumePoint(0, {})
     saved_version = (latest.get("metrics") or {}).get("dataset_version")
-    before = run_settings(latest.get("config") or {}, saved_version)
-    now = run_settings(to_dict(cfg), version.version if saved_version else None)
+    saved_order = (latest.get("metrics") or {}).get("data_order")
+    before = run_settings(latest.get("config") or {}, saved_version, saved_order)
+    now = run_settings(to_dict(cfg), version.version if saved_version else None,
+                       train_order(version, cfg) if saved_order else None)
     changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
     epoch, samples = resume_position(latest)
     return ResumePoint(epoch, changed, samples)
@@ -276,6 +282,7 @@ def make_spec(cfg: PipelineConfig, version, mlflow_run_id: str | None, extend: b
         tracking_uri=tracking.resolve_tracking_uri(cfg) if mlflow_run_id else None,
         pretrained=cfg.model.pretrained, threads=max(1, int(round(cfg.train.cpus_per_worker))),
         dataset_version=version.version, extend=extend, log_epochs=False, dataset_uri=version.uri, run_name=run_name,
+        data_order=train_order(version, cfg),
     )
 
 

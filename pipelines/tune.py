@@ -30,6 +30,7 @@ from . import storage as st
 from .architecture import check_model_settings
 from .config import PipelineConfig, config_from_dict, flatten, load_config, number_or_text, to_dict
 from .data.shards import DatasetVersion, dataset_from_config, load_version
+from .data.stream import train_order
 from .errors import ConfigError, UserError, first_line
 from .ray_setup import checkpoint_uri, ensure_ray, pinned_paths, ray_storage
 from .trainer import TASK as TRAIN_TASK
@@ -252,7 +253,7 @@ def tune(cfg: PipelineConfig, *, resume: bool = False, version=None, name: str |
 def sweep_settings(cfg: PipelineConfig, version: DatasetVersion) -> dict[str, Any]:
     """What a sweep computes: every trial's run settings (before sampling), the dataset version,
     and the search itself (space, sampler, scheduler, metric)."""
-    settings = run_settings(to_dict(cfg), version.version)
+    settings = run_settings(to_dict(cfg), version.version, train_order(version, cfg))
     settings.update({k: v for k, v in flatten(to_dict(cfg)).items()
                      if k.startswith("tune.") and k not in ("tune.name", "tune.max_concurrent_trials")})
     return settings

@@ -22,7 +22,15 @@ from pipelines import storage as st
 from pipelines.checkpoint import read_state, resume_position
 from pipelines.config import load_config, to_dict
 from pipelines.data import stream as stream_mod
-from pipelines.data.stream import SeekableStream, preprocess_batch, rank_order, stream_spec
+from pipelines.data.stream import (
+    EXACT,
+    RAY_DATA,
+    SeekableStream,
+    preprocess_batch,
+    rank_order,
+    stream_spec,
+    train_order,
+)
 from pipelines.errors import ConfigError, UserError
 from pipelines.prepare import prepare
 from pipelines.train_worker import EpochData, LocalSession, read_sample_ids, train_worker
@@ -128,6 +136,50 @@ def test_config_and_resume_position(local_ds, tmp_path):
     with pytest.raises(UserError, match=r"^training run 'r' \(checkpointed in epoch 1 after 40 samples per worker\) "
                                         r"was started with other settings: data.order 'exact' -> 'ray-data'"):
         check_resume("r", point, extend=False)
+
+
+def test_data_stream_resolves_per_version_and_is_part_of_the_run(local_ds, tmp_path):
+    cfg, version = local_ds
+    decoded = version.count("train") * version.channels * 28 * 28
+
+    def order(*overrides):
+        return train_order(version, make_cfg(cfg.storage.uri, cfg.data.source_dir, *overrides))
+
+    # auto: in memory while the decoded split fits the cache and the shards are equal
+    assert order() == EXACT
+    assert order(f"data.cache_max_bytes={decoded}") == EXACT
+    assert order(f"data.cache_max_bytes={decoded - 1}") == RAY_DATA
+    assert order("data.cache_decoded=false") == RAY_DATA
+    assert order("data.equal_shards=false") == RAY_DATA
+    assert order("data.stream=ray") == RAY_DATA
+    assert order("data.stream=memory", "data.cache_decoded=false") == EXACT  # keeps the PNG bytes instead
+    assert order(f"data.cache_max_bytes={decoded - 1}", "train.checkpoint_every_steps=5") == EXACT
+    assert make_spec(make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.stream=ray"), version, None).data_order == RAY_DATA
+
+    with pytest.raises(ConfigError, match=r"^data.stream='disk' is not supported; use 'auto', 'ray' or 'memory'$"):
+        make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.stream=disk")
+    with pytest.raises(ConfigError, match=r"^train.checkpoint_every_steps=5 needs the seekable per-worker order of "
+                                          r"data.stream=memory"):
+        make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.stream=ray", "train.checkpoint_every_steps=5")
+    with pytest.raises(ConfigError, match=r"^data.stream=memory gives every worker the same number of rows"):
+        make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.stream=memory", "data.equal_shards=false")
+    too_small = make_cfg(cfg.storage.uri, cfg.data.source_dir, "data.stream=memory", "data.cache_max_bytes=1000")
+    with pytest.raises(ConfigError, match=r"^data.stream=memory keeps the 'train' split in every worker's memory "
+                                          r"\(\d+ MiB > data.cache_max_bytes=1000\).*or set data.stream=ray"):
+        stream_mod.check_seekable(version, "train", too_small)
+
+    # a run keeps its data order: a checkpoint records it, and a resume under another order is refused
+    run_cfg = make_cfg(f"file://{tmp_path}/store", cfg.data.source_dir)
+    base = st.join_uri(run_cfg.storage.uri, "train", "r")
+    st.write_json(st.join_uri(base, "checkpoint_a", "state", "state.json"),
+                  {"epoch": 0, "step": 10, "config": to_dict(run_cfg),
+                   "metrics": {"dataset_version": version.version, "data_order": EXACT}})
+    assert resume_point(run_cfg, "r", version) == ResumePoint(1, {})
+    streamed = make_cfg(f"file://{tmp_path}/store", cfg.data.source_dir, "data.stream=ray")
+    assert resume_point(streamed, "r", version).changed == {"data.order": (EXACT, RAY_DATA)}
+    # data.stream=memory is what auto resolved to: the same run
+    assert resume_point(make_cfg(f"file://{tmp_path}/store", cfg.data.source_dir, "data.stream=memory"), "r",
+                        version).changed == {}
 
 
 class _Crash(RuntimeError):
