@@ -1,22 +1,26 @@
-"""Batch inference throughput: the Ray Data job (``pipelines.infer``) vs a plain single-process loop.
+"""Batch inference: steady-state throughput per core and start-up, Ray Data job vs a plain loop.
 
-Both score the same images (the Fashion-MNIST test split, prepared from the Debian package into a
-temporary local storage) with the same registered model version and the same batch size:
+Every run scores a test split of ``--sizes`` images (the Fashion-MNIST test images, repeated to
+reach the size, prepared from the Debian package into a temporary local storage) with the same
+registered model version (the model of ``--config``, default the main job's) and batch size:
 
-* **plain**: one process, ``--threads`` torch threads. Reads the split's Parquet shards, decodes
-  each PNG and preprocesses it exactly as inference does (``decode_chw``, normalise with the
-  packaged mean/std), runs the forward pass and takes the top-k. Model loading is not timed.
-* **ray**: :func:`pipelines.infer.infer` on a local Ray cluster, for each ``--pools`` entry
-  ``AxT``: A model actors of T CPUs / T torch threads each (decode fused into the actors),
-  writing Parquet and verifying one row per input. Two figures: ``ray_s``, the Ray Data
-  execution (actor start-up included), and ``job_s``, the job up to publishing (model
-  resolution and download, Ray execution, verification).
+* **plain**: one process with 1 and with ``--threads`` torch threads. Reads the split's Parquet
+  shards, decodes each PNG and preprocesses it exactly as inference does (``decode_chw``,
+  normalise with the packaged mean/std), runs the forward pass and takes the top-k. Model loading
+  is not timed. Runs before and after the Ray runs; the mean is the baseline.
+* **ray pipeline**, on a running local Ray cluster, for each ``--pools`` entry ``AxT`` (A model
+  actors of T CPUs / T torch threads; decode fused into the actors): the job's own Ray Data
+  pipeline (:func:`pipelines.inference.actors.build_dataset`) iterated by the driver. **start-up**
+  = submit -> first prediction rows (actor process start, imports, model build, planning, the
+  first read); **steady** = rows after the first batch / time after it. Per core = steady / (A x T).
+* **ray job**: the whole :func:`pipelines.infer.infer` (model resolution, the pipeline writing
+  Parquet, verification, manifest): wall seconds.
 
-The plain loop runs before and after the Ray runs; their spread shows how noisy the machine is.
-Ratio = Ray images/s (execution) / plain images/s (mean of the two plain runs).
+Ratios: steady images/s per core vs the plain loop's per core (1 thread; goal >= 0.9), and the
+same against the ``--threads`` plain loop per thread.
 
-    python benchmarks/bench_infer.py [--test-images 10000] [--batch-size 256] [--pools 1x1 2x1 1x2] \
-                                     [--threads 2] [--out benchmarks/results/infer.json]
+    python benchmarks/bench_infer.py [--config configs/local.yaml] [--sizes 10000 100000] [--pools 1x1 2x1] \
+                                     [--batch-size N] [--threads 2] [--out benchmarks/results/infer.json]
 """
 
 from __future__ import annotations
@@ -36,21 +40,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.architecture import build_model, model_arch
 from pipelines.config import load_config
 from pipelines.data.shards import iter_shard_batches
 from pipelines.data.stream import decode_chw
 from pipelines.infer import infer
 from pipelines.inference.model import fetch_model_files, resolve_model
 from pipelines.prepare import prepare
+from pipelines.ray_setup import ensure_ray
 from pipelines.register import register
 from pipelines.serving import ViTClassifier
-from vit_model import VisionTransformer, ViTConfig
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def subset_idx(folder: Path, n_train: int, n_test: int) -> None:
-    """The first images of the Debian Fashion-MNIST files as a smaller idx set."""
+    """The first images of the Debian Fashion-MNIST files as a smaller idx set; a test size above
+    10,000 repeats the test images."""
 
     def read(name: str) -> np.ndarray:
         b = gzip.decompress((FMNIST / f"{name}.gz").read_bytes())
@@ -65,7 +71,9 @@ def subset_idx(folder: Path, n_train: int, n_test: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in (("train-images-idx3-ubyte", n_train), ("train-labels-idx1-ubyte", n_train),
                     ("t10k-images-idx3-ubyte", n_test), ("t10k-labels-idx1-ubyte", n_test)):
-        write(name, read(name)[:n])
+        arr = read(name)
+        reps = -(-n // len(arr))
+        write(name, np.concatenate([arr] * reps)[:n] if reps > 1 else arr[:n])
 
 
 @torch.inference_mode()
@@ -98,86 +106,131 @@ def main() -> None:
         ray.shutdown()  # the local cluster ensure_ray started, if any
 
 
+def pipeline_timing(cfg, version, model_uri: str) -> dict:
+    """The job's Ray Data pipeline iterated by the driver: start-up and steady-state rate."""
+    import ray
+
+    from pipelines import tracking
+    from pipelines.inference.actors import build_dataset
+    from pipelines.inference.inputs import resolve_input
+    from pipelines.inference.model import load_model_package
+
+    submitted = time.perf_counter()
+    model = resolve_model(cfg, model_uri, tracking.client(cfg))
+    inputs = resolve_input(cfg, version.uri)
+    ds = build_dataset(cfg, inputs, model, ray.put(load_model_package(model)))
+    first = first_rows = None
+    rows = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if first is None:
+            first, first_rows = time.perf_counter(), batch.num_rows
+        rows += batch.num_rows
+    end = time.perf_counter()
+    steady_s = end - first
+    return {"rows": rows, "startup_s": round(first - submitted, 3), "steady_s": round(steady_s, 3),
+            "steady_images_per_s": round((rows - first_rows) / steady_s, 1) if steady_s > 0 else None,
+            "total_s": round(end - submitted, 3)}
+
+
 def run() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--test-images", type=int, default=10000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--pools", nargs="+", default=["1x1", "2x1", "1x2"],
+    p.add_argument("--config", default="configs/local.yaml", help="the benchmarked model (random weights)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[10000, 100000], help="test images per run")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's infer.batch_size")
+    p.add_argument("--pools", nargs="+", default=["1x1", "2x1"],
                    help="actor pools to measure, ACTORSxTHREADS (threads = CPUs reserved per actor)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop (default: 2 = the cores)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the second plain loop (default: 2 = the cores)")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster (> actors x threads)")
-    p.add_argument("--arch", default="embed_dim=64,depth=6,num_heads=4,patch_size=4",
-                   help="ViTConfig overrides of the benchmarked model (28x28, 1 channel, 10 classes)")
     p.add_argument("--out", default="benchmarks/results/infer.json")
     args = p.parse_args()
     if not (FMNIST / "t10k-images-idx3-ubyte.gz").exists():
         sys.exit(f"error: {FMNIST} has no Fashion-MNIST files; apt-get install dataset-fashion-mnist")
 
+    if args.batch_size is None:
+        args.batch_size = load_config(args.config, []).infer.batch_size
     work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
-    subset_idx(work / "idx", 1000, args.test_images)
-    base = [f"storage.uri=file://{work}/store", f"data.source_dir={work}/idx", "data.source=fashion-mnist",
+    base = [f"storage.uri=file://{work}/store", "data.source=fashion-mnist", "data.val_fraction=0.1",
             f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db", "mlflow.experiment_name=bench-infer",
             "registry.model_name=vit-bench", f"infer.batch_size={args.batch_size}", f"ray.num_cpus={args.ray_cpus}"]
-    cfg = load_config(None, base)
-    t0 = time.time()
-    version = prepare(cfg)
-    print(f"prepared {version.count('test')} test images in {time.time() - t0:.1f} s", flush=True)
+    versions = {}
+    for n in args.sizes:
+        subset_idx(work / f"idx-{n}", 1000, n)
+        t0 = time.time()
+        versions[n] = prepare(load_config(args.config, base + [f"data.source_dir={work}/idx-{n}", f"data.name=fmnist-{n}"]))
+        print(f"prepared {versions[n].count('test')} test images in {time.time() - t0:.1f} s", flush=True)
+    cfg = load_config(args.config, base + [f"data.source_dir={work}/idx-{args.sizes[0]}"])
 
-    arch = {k: int(v) for k, v in (kv.split("=") for kv in args.arch.split(","))}
+    version = versions[args.sizes[0]]
     torch.manual_seed(0)
-    net = VisionTransformer(ViTConfig(img_size=28, in_chans=1, num_classes=10, **arch))
+    net = build_model(model_arch(cfg, version.num_classes, version.channels, version.image_size))
     meta = {"class_names": version.classes, "channels": 1, "image_size": [28, 28], "mean": [0.2860], "std": [0.3530]}
     net.save_pretrained(work / "model", meta=meta)
     reg = register(cfg, str(work / "model"))
     model_uri = f"models:/{reg.model_name}@champion"
-    print(f"registered {reg.model_uri} ({net.num_params / 1e6:.2f} M params)", flush=True)
+    n_params = sum(t.numel() for t in net.parameters())
+    print(f"registered {reg.model_uri} ({cfg.model.name}, {n_params / 1e6:.3f} M params)", flush=True)
 
     # the same registered version's files, loaded in this process for the plain loop
     resolved = resolve_model(cfg, model_uri)
     clf = ViTClassifier().load_artifacts(fetch_model_files(resolved.download_uri, resolved.tracking_uri,
                                                            work / "plain-model"), device="cpu")
-    torch.set_num_threads(args.threads)
-    plain_loop(version, cfg, clf, args.batch_size, cfg.infer.top_k)  # warm-up (allocator, kernels)
-    plain = [plain_loop(version, cfg, clf, args.batch_size, cfg.infer.top_k)]
-    print(f"plain loop ({args.threads} threads): {plain[0]['images_per_s']:.0f} img/s ({plain[0]['seconds']:.1f} s)",
-          flush=True)
+    small = versions[min(args.sizes)]
+    plain: dict[int, list[dict]] = {1: [], args.threads: []}
 
+    def plain_runs(when: str) -> None:
+        for threads in plain:
+            torch.set_num_threads(threads)
+            plain_loop(small, cfg, clf, args.batch_size, cfg.infer.top_k)  # warm-up (allocator, kernels)
+            r = plain_loop(small, cfg, clf, args.batch_size, cfg.infer.top_k)
+            plain[threads].append({**r, "when": when})
+            print(f"plain loop ({threads} thread(s), {when}): {r['images_per_s']:.0f} img/s", flush=True)
+
+    plain_runs("before")
+    ensure_ray(cfg)  # the running cluster every Ray run below uses
     rows = []
-    for pool in args.pools:
-        actors, threads = (int(v) for v in pool.lower().split("x"))
-        run_cfg = load_config(None, base + [f"infer.num_actors={actors}", f"infer.cpus_per_actor={threads}"])
-        r = infer(run_cfg, input_uri=version.uri, model_uri=model_uri, job_name=f"bench-{actors}x{threads}")
-        ray_s = r.timings["ray_s"]
-        rows.append({"actors": actors, "threads_per_actor": threads, "images": r.input_count, "ray_s": ray_s,
-                     "ray_images_per_s": r.timings["ray_images_per_s"], "job_s": r.seconds,
-                     "job_images_per_s": r.images_per_s, "correct": r.correct})
-        print(f"ray, {actors} actor(s) x {threads} thread(s): {r.timings['ray_images_per_s']:.0f} img/s in the Ray job "
-              f"({ray_s:.1f} s incl. actor start-up), {r.images_per_s:.0f} img/s for the whole job ({r.seconds:.1f} s)",
-              flush=True)
-
-    plain.append(plain_loop(version, cfg, clf, args.batch_size, cfg.infer.top_k))
-    print(f"plain loop again: {plain[1]['images_per_s']:.0f} img/s", flush=True)
-    plain_ips = sum(x["images_per_s"] for x in plain) / len(plain)
-    for row in rows:
-        row["ratio_vs_plain"] = round(row["ray_images_per_s"] / plain_ips, 3)
-        row["job_ratio_vs_plain"] = round(row["job_images_per_s"] / plain_ips, 3)
-        if row["correct"] != plain[0]["correct"]:  # same model, same pixels: only float noise could do this
-            print(f"warning: {row['correct']} correct in the Ray job vs {plain[0]['correct']} in the plain loop")
-        print(f"ratio ray/plain, {row['actors']}x{row['threads_per_actor']}: {row['ratio_vs_plain']:.2f} (Ray job), "
-              f"{row['job_ratio_vs_plain']:.2f} (whole job)")
-
-    import mlflow
+    for n in args.sizes:
+        for pool in args.pools:
+            actors, threads = (int(v) for v in pool.lower().split("x"))
+            run_cfg = load_config(args.config, base + [f"data.source_dir={work}/idx-{n}", f"data.name=fmnist-{n}",
+                                                       f"infer.num_actors={actors}", f"infer.cpus_per_actor={threads}"])
+            # the job first, then its pipeline timed: start-up on a cluster that has run a job (the
+            # very first job on a fresh cluster also pays for Ray's worker pool: in job_timings)
+            job = infer(run_cfg, input_uri=versions[n].uri, model_uri=model_uri, job_name=f"bench-{n}-{actors}x{threads}")
+            pipe = pipeline_timing(run_cfg, versions[n], model_uri)
+            row = {"images": n, "actors": actors, "threads_per_actor": threads, "cores": actors * threads, **pipe,
+                   "job_s": job.seconds, "job_images_per_s": job.images_per_s, "job_timings": job.timings,
+                   "correct": job.correct}
+            rows.append(row)
+            print(f"ray {n} images, {actors} actor(s) x {threads}: start-up {pipe['startup_s']:.1f} s, steady "
+                  f"{pipe['steady_images_per_s']:.0f} img/s ({pipe['steady_images_per_s'] / row['cores']:.0f} per core); "
+                  f"whole job {job.seconds:.1f} s", flush=True)
     import ray
 
+    ray.shutdown()
+    plain_runs("after")
+    per_core = sum(r["images_per_s"] for r in plain[1]) / len(plain[1])
+    per_thread = sum(r["images_per_s"] for r in plain[args.threads]) / len(plain[args.threads]) / args.threads
+    for row in rows:
+        ray_per_core = row["steady_images_per_s"] / row["cores"]
+        row["steady_per_core_vs_plain_1thread"] = round(ray_per_core / per_core, 3)
+        row[f"steady_per_core_vs_plain_{args.threads}threads_per_thread"] = round(ray_per_core / per_thread, 3)
+        print(f"{row['images']} images, {row['actors']}x{row['threads_per_actor']}: steady per core "
+              f"{row['steady_per_core_vs_plain_1thread']:.2f}x the plain loop's (1 thread), "
+              f"{row[f'steady_per_core_vs_plain_{args.threads}threads_per_thread']:.2f}x per thread of the "
+              f"{args.threads}-thread loop; start-up {row['startup_s']:.1f} s", flush=True)
+
+    import mlflow
+
     doc = {
-        "benchmark": "batch inference images/s: Ray Data job vs plain single-process torch loop",
-        "images": version.count("test"), "batch_size": args.batch_size, "model": {"img_size": 28, "in_chans": 1, **arch},
-        "params": net.num_params, "plain_threads": args.threads, "ray_num_cpus": args.ray_cpus,
+        "benchmark": "batch inference: steady-state images/s per core and start-up, Ray Data job vs plain loop",
+        "date": time.strftime("%Y-%m-%d"), "config": args.config, "model": cfg.model.name, "params": n_params,
+        "batch_size": args.batch_size, "plain_threads": args.threads, "ray_num_cpus": args.ray_cpus,
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                      "mlflow": mlflow.__version__},
-        "plain": plain, "plain_images_per_s": round(plain_ips, 1), "ray_runs": rows,
+        "plain": {str(k): v for k, v in plain.items()}, "plain_images_per_s_per_core": round(per_core, 1),
+        "ray_runs": rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
