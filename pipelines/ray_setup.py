@@ -44,6 +44,11 @@ def ensure_ray(cfg: PipelineConfig) -> None:
             port = _free_port()
             local["dashboard_port"] = port
             local["runtime_env"] = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+        # A job here starts a dozen Python workers (Train controller and workers, Tune, Ray Data
+        # coordinators and tasks); with the raylet's default start-up concurrency (the physical
+        # cores: 2 on a laptop) that trips its "N PYTHON worker processes ... 4x the maximum
+        # expected startup concurrency" warning on the console, which is noise for this workload.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(int(local["num_cpus"])))
         ray.init(**local, **console.ray_init_options())
     console.after_ray_init()
 
