@@ -168,7 +168,6 @@ def run_settings(config: dict[str, Any], dataset_version: str | None, data_order
     keep.update({"data.shuffle": flat.get("data.shuffle"), "data.equal_shards": flat.get("data.equal_shards")})
     # how the train split reaches the workers (data.stream, resolved) decides the data order; how
     # often a run checkpoints does not change what it computes
-    keep.pop("data.stream", None)
     keep["data.order"] = data_order or (EXACT if flat.get("train.checkpoint_every_steps") is not None else RAY_DATA)
     if dataset_version:
         keep["dataset.version"] = dataset_version
