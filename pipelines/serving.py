@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from vit_model import arch_from_dict, build_model, load_state_dict
+from vit_model import arch_from_dict, build_model, load_state_dict, to_preferred_memory_format
 
 
 def _sibling_module(name: str):
@@ -191,7 +191,7 @@ class ViTClassifier(mlflow.pyfunc.PythonModel):
         if self.spec.channels != cfg.in_chans:
             raise ValueError(f"preprocessing gives {self.spec.channels} channels; the model takes {cfg.in_chans}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
+        self.model = to_preferred_memory_format(model.eval().to(self.device))
         c = self.spec.channels
         self._mean = torch.tensor(self.spec.mean, dtype=torch.float32).expand(c).reshape(1, c, 1, 1).to(self.device)
         self._std = torch.tensor(self.spec.std, dtype=torch.float32).expand(c).reshape(1, c, 1, 1).to(self.device)

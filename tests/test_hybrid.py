@@ -3,6 +3,7 @@ round trips and adaptation, any input size, attention maps, checkpointing, FLOPs
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import pytest
@@ -13,8 +14,16 @@ from timm.models.vision_transformer_hybrid import ConvStem
 from torch.utils.flop_counter import FlopCounterMode
 from vit_pytorch.cct import CCT, Tokenizer, TransformerClassifier
 
-from vit_model import available_models, config_from_name, create_model, flops_per_image, from_pretrained
+from vit_model import (
+    available_models,
+    config_from_name,
+    create_model,
+    flops_per_image,
+    from_pretrained,
+    to_preferred_memory_format,
+)
 from vit_model.hybrid import HybridConfig, HybridViT, convert_cct_state_dict, sine_pos_embed, stem_plan
+from vit_model.layers import has_overlapping_convs
 from vit_model.surgery import resample_pos_embed
 
 TOL = 1e-5
@@ -224,6 +233,40 @@ def test_save_and_from_pretrained_round_trip(tmp_path, base):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert '"family": "hybrid"' in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.parametrize("base", [TINY_CONV, TINY_CCT], ids=["conv", "cct"])
+def test_channels_last_layout_trains_like_nchw_and_saves_plain_weights(tmp_path, base):
+    """to_preferred_memory_format turns conv stems channels-last: the same logits and gradients as
+    the NCHW model (to float rounding), and weights saved from it load into an NCHW model exactly."""
+    ref = _model(base).train()
+    _randomise(ref)
+    fast = to_preferred_memory_format(copy.deepcopy(ref))
+    assert fast.patch_embed.backbone[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fast.patch_embed.backbone[0].conv.weight.is_contiguous()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for m in (ref, fast):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+    fast.eval().save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path).eval()
+    assert loaded.patch_embed.backbone[0].conv.weight.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), _plain(fast)(x))
+
+
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+
+
+def test_only_overlapping_convolutions_switch_layout():
+    assert has_overlapping_convs(_model(TINY_CONV)) and has_overlapping_convs(_model(TINY_CCT))
+    for name in ("vit_tiny_patch4", "swin_nano_patch2_window7_28", "t2t_vit_7_28"):
+        model = create_model(name, img_size=28, in_chans=1, num_classes=10)
+        assert not has_overlapping_convs(model), name
+        weights = [p for p in to_preferred_memory_format(model).parameters() if p.ndim == 4]
+        assert all(p.is_contiguous() for p in weights), name
 
 
 @pytest.mark.parametrize("base", [TINY_CONV, TINY_CCT], ids=["conv", "cct"])

@@ -18,6 +18,7 @@ from .arch import ArchConfig
 from .config import SIZES, ViTConfig, parse_name
 from .explain import attention_heatmap, attention_rollout, explain
 from .hybrid import HybridConfig, HybridViT
+from .layers import to_preferred_memory_format
 from .model import VisionTransformer
 from .registry import (
     FAMILIES,
@@ -52,4 +53,5 @@ __all__ = [
     "adapt_state_dict", "arch_from_dict", "arch_to_dict", "attention_heatmap", "attention_rollout", "available_models",
     "build_model", "config_from_name", "create_model", "explain", "flops_per_image", "from_pretrained", "get_family",
     "load_state_dict", "parse_model_name", "parse_name", "resample_pos_embed", "save_pretrained", "sincos_pos_embed_2d",
+    "to_preferred_memory_format",
 ]

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 
-from vit_model import arch_from_dict, build_model, explain
+from vit_model import arch_from_dict, build_model, explain, to_preferred_memory_format
 
 from .. import storage as st
 from ..config import AugmentConfig, PipelineConfig, StorageConfig
@@ -176,7 +176,7 @@ class BatchPredictor:
         self.model_ref = model
         self.top_k = max(1, min(int(top_k), model.num_classes))
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.net = net.eval().to(self.device)
+        self.net = to_preferred_memory_format(net.eval().to(self.device))
         self.scorer = with_tta(self.net, tta)  # the model, or its mean over the image and its mirror
         self.tta = tta
         self.class_names = list(model.class_names)
