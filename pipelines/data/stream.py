@@ -14,6 +14,7 @@ import copy
 import hashlib
 import io
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from PIL import Image
 from .. import storage as st
 from ..config import AUTO_AUGMENT, AugmentConfig, PipelineConfig, StorageConfig
 from ..errors import ConfigError, DataError
+from .augment import batched_applies, crop_flip, erase_, splitmix64, uniforms
 from .shards import DatasetVersion, iter_shard_batches, verify_split
 
 if TYPE_CHECKING:
@@ -133,21 +135,13 @@ def batch_seed(seed: int, row_ids: np.ndarray) -> int:
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a cheap, well-mixed hash."""
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
-    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(_MASK64)
-    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(_MASK64)
-    return x ^ (x >> np.uint64(31))
-
-
 def sample_seeds(seed: int, epoch: int, row_ids: np.ndarray) -> np.ndarray:
     """One 63-bit augmentation seed per row from ``(seed, epoch, row_id)``: a row's augmentation
     in an epoch does not depend on its batch, its rank or where an interrupted epoch resumed."""
-    base = _splitmix64(np.array([int(seed) & _MASK64], dtype=np.uint64))
-    base = _splitmix64(base ^ np.uint64(int(epoch) & _MASK64))
+    base = splitmix64(np.array([int(seed) & _MASK64], dtype=np.uint64))
+    base = splitmix64(base ^ np.uint64(int(epoch) & _MASK64))
     ids = np.asarray(row_ids, dtype=np.int64).astype(np.uint64)
-    return (_splitmix64(base ^ ids) >> np.uint64(1)).astype(np.int64)
+    return (splitmix64(base ^ ids) >> np.uint64(1)).astype(np.int64)
 
 
 def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threads: bool = True,
@@ -163,24 +157,47 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threa
     """
     if limit_threads and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    if "pixels" in batch:  # already decoded (see decode_batch / data.cache_decoded)
-        decoded = np.ascontiguousarray(batch["pixels"])
-        if not decoded.flags.writeable:  # a zero-copy view of an object-store block
-            decoded = decoded.copy()  # (N, C, H, W) uint8: ~0.4 MB per 512 Fashion-MNIST images
-        pixels = list(torch.from_numpy(decoded))
-    else:
-        pixels = [decode_chw(b) for b in batch["image"]]
     row_ids = np.asarray(batch["row_id"], dtype=np.int64)
+    (h, w), c = spec.size, spec.channels
+    if "pixels" in batch:  # already decoded (see decode_batch / data.cache_decoded)
+        stacked = np.ascontiguousarray(batch["pixels"])  # (N, C, H, W) uint8; may be a read-only object-store view
+    else:
+        images = [decode_chw(b) for b in batch["image"]]
+        same = len({tuple(t.shape) for t in images}) == 1
+        stacked = np.stack([t.numpy() for t in images]) if images and same else None
+    aug = spec.augment
+    seeds = _row_seeds(spec, epoch, row_ids) if spec.train else None
+    draws = uniforms(seeds) if seeds is not None else None
+    if stacked is not None and stacked.shape[1:] == (c, h, w) and (not spec.train or batched_applies(aug)):
+        if spec.train:  # crop/flip for the whole batch at once (pipelines.data.augment)
+            stacked = crop_flip(stacked, draws, aug.random_crop_padding, aug.hflip)
+        x = torch.from_numpy(stacked.astype(np.float32))  # a copy: the input may be read-only
+    else:
+        pixels = list(torch.from_numpy(np.array(stacked))) if stacked is not None else images
+        x = _transform_each(pixels, spec, row_ids, seeds).to(torch.float32)
+    x = x.div_(255.0).sub_(spec.mean).div_(spec.std)  # (N, C, H, W) normalised
+    if spec.train and aug.random_erasing > 0:
+        erase_(x.numpy(), draws, aug.random_erasing)  # in place, through the shared memory
+    return {"image": x.numpy(), "label": np.asarray(batch["label"], dtype=np.int64), "row_id": row_ids}
+
+
+def _row_seeds(spec: StreamSpec, epoch: int | None, row_ids: np.ndarray) -> np.ndarray:
+    """Each training row's augmentation seed: from ``(seed, epoch, row id)`` with an epoch, else
+    from the batch (``(seed, row ids)``, or fresh entropy when ``spec.deterministic`` is off)."""
+    if epoch is not None:
+        return sample_seeds(spec.seed, epoch, row_ids)
+    base = batch_seed(spec.seed, row_ids) if spec.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
+    return sample_seeds(base, 0, row_ids)
+
+
+def _transform_each(pixels: list[torch.Tensor], spec: StreamSpec, row_ids: np.ndarray,
+                    seeds: np.ndarray | None) -> torch.Tensor:
+    """The per-image torchvision path (resizes, RandomResizedCrop, auto-augment policies): uint8
+    (N, C, *spec.size). Each row's draws come from its seed; torch's global generator is restored."""
     n, (h, w), c = len(pixels), spec.size, spec.channels
     out = torch.empty((n, c, h, w), dtype=torch.uint8)
-    per_sample = spec.train and epoch is not None
-    seeds = sample_seeds(spec.seed, epoch, row_ids).tolist() if per_sample else None
+    transforms: dict[tuple[int, int], Any] = {}
     with torch.random.fork_rng(devices=[]):
-        if spec.train and spec.deterministic and not per_sample:
-            torch.manual_seed(batch_seed(spec.seed, row_ids))
-        elif not per_sample:
-            torch.seed()
-        transforms: dict[tuple[int, int], Any] = {}
         for i, t in enumerate(pixels):
             if t.shape[0] != c:
                 raise DataError(f"row {int(row_ids[i])} has {t.shape[0]} channels, the dataset says {c}; re-run prepare")
@@ -189,18 +206,9 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: StreamSpec, limit_threa
                 transforms[hw] = build_transform(spec, hw)
             tf = transforms[hw]
             if seeds is not None and tf is not None:
-                torch.manual_seed(seeds[i])
+                torch.default_generator.manual_seed(int(seeds[i]))  # CPU only: torch.manual_seed also queues CUDA seeding
             out[i] = tf(t) if tf is not None else t
-        x = out.to(torch.float32).div_(255.0).sub_(spec.mean).div_(spec.std)  # (N, C, H, W) normalised
-        if spec.train and spec.augment.random_erasing > 0:
-            from torchvision.transforms import v2
-
-            erase = v2.RandomErasing(p=spec.augment.random_erasing, value=0)
-            for i in range(n):
-                if seeds is not None:
-                    torch.manual_seed(seeds[i] ^ 1)  # the row's erasing draw, independent of its crop/flip
-                x[i] = erase(x[i])
-    return {"image": x.numpy(), "label": np.asarray(batch["label"], dtype=np.int64), "row_id": row_ids}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
