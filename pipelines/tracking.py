@@ -252,6 +252,15 @@ def end_run(mlflow_client, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client.set_terminated(run_id, status=status)
 
 
+def fail_run(mlflow_client, run_id: str) -> None:
+    """Mark a run FAILED unless something already ended it.
+
+    A sweep's driver closes a trial that its scheduler stopped as KILLED; the trial's own
+    clean-up can arrive after that and must not turn it into FAILED."""
+    if mlflow_client.get_run(run_id).info.status == "RUNNING":
+        mlflow_client.set_terminated(run_id, status="FAILED")
+
+
 def latest_model_uri(cfg: PipelineConfig, run_id: str | None = None) -> tuple[str, str | None]:
     """(model URI, training run id) from a run id, or from the newest finished training run."""
     from mlflow.exceptions import MlflowException

@@ -311,8 +311,8 @@ def fit(cfg: PipelineConfig, version: DatasetVersion, *, run_name: str | None = 
     try:
         trainer = build_trainer(cfg, spec, version, run_name, start_epoch=point.epoch, callbacks=callbacks)
         result = trainer.fit()
-    except BaseException:
-        tracking.end_run(client, run_id, "FAILED")
+    except BaseException:  # also a sweep scheduler stopping this trial: do not overwrite its KILLED
+        tracking.fail_run(client, run_id)
         raise
     summary = result.return_value or {}
     if result.error is not None:

@@ -332,6 +332,7 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
             "early_stopped": error is None and iters < epochs, "run_name": f"{name}-{trial_id}",
         })
     # close child runs that did not finish on their own (diverged, ASHA-stopped or killed trials)
+    grace_until = time.monotonic() + STOPPED_TRIAL_GRACE_S  # one grace period for all stopped trials
     for t in trials:
         run = tracking.find_run(cfg, t["run_name"], TRAIN_TASK, parent_id, client)
         if run is None:
@@ -342,6 +343,8 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
                 client.set_terminated(run.info.run_id, status="FAILED")
         # a trial that ASHA stopped was interrupted inside fit() (FAILED) or killed (RUNNING)
         elif run.info.status == "RUNNING" or (t["early_stopped"] and run.info.status == "FAILED"):
+            if t["early_stopped"]:  # let its own clean-up land first, so that it cannot come after ours
+                _wait_while_running(client, run.info.run_id, grace_until)
             client.set_tag(run.info.run_id, "pipeline.early_stopped", str(t["early_stopped"]).lower())
             client.set_terminated(run.info.run_id, status="KILLED")
     finished = [t for t in trials if t["metric"] is not None and not t["early_stopped"] and not t["error"]]
@@ -374,6 +377,19 @@ def _summarise(cfg: PipelineConfig, grid, name: str, parent_id: str, t0: float, 
                                              "asha_compute_ratio": out.compute_ratio,
                                              "trials_early_stopped": float(sum(t["early_stopped"] for t in trials))}, step=0)
     return out
+
+
+STOPPED_TRIAL_GRACE_S = 10.0
+
+
+def _wait_while_running(client, run_id: str, deadline: float) -> None:
+    """Give a trial the scheduler stopped a moment to close its MLflow run (FAILED) itself.
+
+    Tune returns as soon as it has asked the trial to stop; the trial's ``fit`` may still be in
+    its exception handler. A trial whose actor was killed outright never closes its run, hence the
+    bound (a ``time.monotonic()`` deadline)."""
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.25)
 
 
 def _export_best(cfg: PipelineConfig, best: dict[str, Any], checkpoint_path: str | None, version, model_uri: str) -> None:

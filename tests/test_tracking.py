@@ -26,3 +26,18 @@ def test_fluent_tracking_restores_the_exact_previous_state(tmp_path, monkeypatch
         assert os.environ["MLFLOW_TRACKING_URI"] == ours
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+
+
+def test_a_late_failure_does_not_overwrite_a_run_the_sweep_closed(tmp_path):
+    # a trial that ASHA stopped: the sweep driver closes its run KILLED; the trial's own exception
+    # handler can run afterwards and must leave it KILLED, while a run still open becomes FAILED
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = client.create_experiment("e")
+    stopped, broken = (client.create_run(exp).info.run_id for _ in range(2))
+    client.set_terminated(stopped, status="KILLED")
+    for run_id in (stopped, broken):
+        tracking.fail_run(client, run_id)
+    assert client.get_run(stopped).info.status == "KILLED"
+    assert client.get_run(broken).info.status == "FAILED"
