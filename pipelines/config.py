@@ -125,7 +125,7 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     ema_decay: float = 0.0  # 0 = off
     clip_grad_norm: float | None = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only) | auto (bf16 where the hardware has it, else fp32)
     seed: int = 0
     num_workers: int = 2
     use_gpu: bool | None = None  # None = use GPUs when the cluster has them
@@ -278,7 +278,7 @@ def _refuse_moved_model_keys(data: dict[str, Any]) -> None:
                                   f"model's family); rename the key")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 AUTO_AUGMENT = (None, "trivial", "randaugment")
 TTA_MODES = ("none", "hflip")
 STREAM_MODES = ("auto", "ray", "memory")  # data.stream

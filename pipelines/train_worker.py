@@ -43,6 +43,7 @@ from .engine import (
     continue_schedule,
     evaluate,
     reduce_metrics,
+    resolve_precision,
     seed_everything,
     train_one_epoch,
 )
@@ -242,6 +243,8 @@ def train_worker(spec: WorkerSpec, data: EpochData, session: Session) -> dict[st
             restarts = int(state["metrics"].get("restarts", 0)) + 1
 
     logger = _Rank0Logger(spec) if session.rank == 0 else None
+    if logger:  # what train.precision resolved to on this hardware (``auto``, or bf16 without support)
+        logger.tag("pipeline.precision", resolve_precision(tc.precision, device))
     recorder = None
     if tc.record_sample_ids and spec.run_name:
         recorder = SampleRecorder(st.join_uri(cfg.storage.uri, "train", spec.run_name, "sample_ids"), session.rank,
@@ -401,9 +404,12 @@ class _Rank0Logger:
         if self.client:
             tracking.log_metrics(self.client, self.run_id, {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
-    def stopped(self, message: str) -> None:
+    def tag(self, key: str, value: str) -> None:
         if self.client:
-            self.client.set_tag(self.run_id, "pipeline.stopped", message[:5000])
+            self.client.set_tag(self.run_id, key, value[:5000])
+
+    def stopped(self, message: str) -> None:
+        self.tag("pipeline.stopped", message)
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -457,16 +463,18 @@ def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     cfg = spec.cfg
     per_worker = max(1, cfg.train.batch_size // session.world_size)
     with_ids = cfg.train.record_sample_ids and bool(spec.run_name)
-    val_shard = ray.train.get_dataset_shard("val")
     try:
         if spec.data_order == EXACT:
-            # the split in this worker's memory: a deterministic, seekable per-rank order, no per-epoch
-            # Ray Data execution (data.stream; Ray Data still streams "val")
-            stream = SeekableStream(load_version(spec.dataset_uri, cfg.storage), "train", cfg, batch_size=per_worker,
-                                    rank=session.rank, world_size=session.world_size)
-            data = EpochData(train=stream.epoch, train_from=stream.epoch,
-                             val=lambda: iter_epoch(val_shard, per_worker, device=session.device))
+            # both splits in this worker's memory: a deterministic, seekable per-rank train order, and
+            # every val row on one rank; no per-epoch Ray Data execution at all (data.stream)
+            version = load_version(spec.dataset_uri, cfg.storage)
+            stream = SeekableStream(version, "train", cfg, batch_size=per_worker, rank=session.rank,
+                                    world_size=session.world_size)
+            val = SeekableStream(version, "val", cfg, batch_size=per_worker, rank=session.rank,
+                                 world_size=session.world_size, train=False)
+            data = EpochData(train=stream.epoch, train_from=stream.epoch, val=lambda: val.epoch(0))
         else:
+            val_shard = ray.train.get_dataset_shard("val")
             train_shard = ray.train.get_dataset_shard("train")
             data = EpochData(
                 train=lambda epoch: iter_epoch(train_shard, per_worker, device=session.device, with_ids=with_ids),

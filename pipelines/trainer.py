@@ -126,11 +126,13 @@ def build_trainer(cfg: PipelineConfig, spec: WorkerSpec, version, run_name: str,
     storage_path, fs = ray_storage(cfg, "train")
     exact = spec.data_order == EXACT
     mid_epoch = cfg.train.checkpoint_every_steps is not None
-    datasets = {"val": build_dataset(version, "val", cfg, train=False)}
-    if exact:  # the workers hold "train" themselves, in a seekable per-rank order (SeekableStream)
-        check_seekable(version, "train", cfg)
-        verify_split(version, "train", cfg.storage)
+    datasets = {}
+    if exact:  # the workers hold "train" and "val" themselves (SeekableStream): no Ray Data execution
+        for split in ("train", "val"):
+            check_seekable(version, split, cfg)
+            verify_split(version, split, cfg.storage)
     else:
+        datasets["val"] = build_dataset(version, "val", cfg, train=False)
         datasets["train"] = build_dataset(version, "train", cfg, start_epoch=start_epoch)
     resume_at = functools.partial(latest_epoch_plus_one, cfg.storage.uri, run_name, cfg.storage)
     run_config = RunConfig(

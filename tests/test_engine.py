@@ -17,14 +17,17 @@ from pipelines.engine import (
     ModelEma,
     NonFiniteLossError,
     _bf16_autocast_works,
+    auto_precision,
     autocast_context,
     build_grad_scaler,
     build_mixup,
     build_optimizer,
     build_scheduler,
+    cpu_has_native_bf16,
     evaluate,
     no_weight_decay_names,
     reduce_metrics,
+    resolve_precision,
     seed_everything,
     train_one_epoch,
     unwrap_model,
@@ -424,6 +427,29 @@ def test_bf16_autocast_on_cpu_runs_or_falls_back_with_a_warning():
             ctx = autocast_context("bf16", CPU)
         with ctx:
             assert nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("text, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n", False),  # AVX512 without BF16: emulated
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16\n", True),  # Zen 4 / Cooper Lake
+    ("flags\t\t: fpu avx512f amx_bf16 amx_tile\n", True),  # Sapphire Rapids AMX
+    ("Features\t: fp asimd sve bf16 i8mm\n", True),  # Arm v8.6
+    ("Features\t: fp asimd\n", False),
+    ("model name\t: a CPU that lists no flags\n", False),
+])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, text, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert cpu_has_native_bf16(str(cpuinfo)) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it():
+    expected = "bf16" if cpu_has_native_bf16() and _bf16_autocast_works("cpu") else "fp32"
+    assert auto_precision(CPU) == resolve_precision("auto", CPU) == expected
+    assert build_grad_scaler("auto", CPU) is None
+    with autocast_context("auto", CPU):
+        assert nn.Linear(4, 4)(torch.ones(1, 4)).dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_valid_names_and_version_uris_pass():
 @pytest.mark.parametrize("override,message", [
     ("train.num_workers=-1", "train.num_workers=-1 must be at least 1"),
     ("train.lr=-1", "train.lr=-1.0 must be positive"),
-    ("train.precision=fp8", "train.precision='fp8' is not supported; use 'fp32', 'bf16' or 'fp16'"),
+    ("train.precision=fp8", "train.precision='fp8' is not supported; use 'fp32', 'bf16', 'fp16' or 'auto'"),
     ("train.epochs=0", "train.epochs=0 must be at least 1"),
     ("train.cpus_per_worker=0", "train.cpus_per_worker=0.0 must be positive"),
     ("model.depth=3", "model.depth moved to model.args.depth (model.args takes any argument of the model's family); "

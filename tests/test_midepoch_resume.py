@@ -96,6 +96,30 @@ def test_seekable_stream_skips_before_decode_and_reproduces_the_tail(local_ds, m
     assert not torch.equal(next(iter(stream.epoch(3)))["row_id"], full[0]["row_id"])
 
 
+def test_validation_stream_evaluates_every_row_once_unaugmented(local_ds):
+    # data.stream=memory holds "val" in the workers too: across ranks every row exactly once, in
+    # row-id order, preprocessed as for evaluation (no augmentation), the same every epoch
+    cfg, ds = local_ds
+    assert cfg.data.augment.hflip or cfg.data.augment.random_crop_padding  # the train spec would change pixels
+    world = 5
+    streams = [SeekableStream(ds, "val", cfg, batch_size=5, rank=r, world_size=world, train=False)
+               for r in range(world)]
+    seen = {r: [b for b in s.epoch(0)] for r, s in enumerate(streams)}
+    ids = [np.concatenate([b["row_id"].numpy() for b in seen[r]]) for r in range(world)]
+    n = ds.count("val")
+    assert n % world  # so the ranks' counts differ
+    assert sorted(np.concatenate(ids).tolist()) == sorted(streams[0].row_ids.tolist())
+    assert [len(i) for i in ids] == [len(s) for s in streams] == [len(range(r, n, world)) for r in range(world)]
+    assert all(np.all(np.diff(i) > 0) for i in ids)
+    everything = streams[0]
+    rows = {"pixels": everything.images, "label": everything.labels, "row_id": everything.row_ids}
+    expected = preprocess_batch(rows, stream_spec(ds, cfg, train=False), limit_threads=False)["image"]
+    for r in range(world):
+        got = torch.cat([b["image"] for b in seen[r]])
+        assert torch.equal(got, torch.from_numpy(expected[r::world]))
+        _batches_equal(list(streams[r].epoch(7)), seen[r])
+
+
 def test_augmentation_is_per_sample_and_per_epoch(local_ds):
     cfg, ds = local_ds
     stream = SeekableStream(ds, "train", cfg, batch_size=4)

@@ -36,6 +36,26 @@ def test_fused_and_eager_attention_agree_forward_and_backward():
         assert torch.allclose(pf.grad, pe.grad, atol=1e-5, rtol=1e-4), n
 
 
+def test_bf16_attention_on_the_cpu_runs_the_float32_kernel():
+    # under bf16 autocast the shared attention() gives exactly float32 SDPA on the bf16 inputs
+    # (rounded to bf16 once at the end), with and without a float mask, and gradients reach q/k/v
+    from vit_model.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.randn(2, 3, 7, 7).bfloat16()
+    for kw in ({}, {"attn_mask": mask}, {"scale": 0.5}):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention(q, k, v, **kw)
+        ref_kw = {key: val.float() if torch.is_tensor(val) else val for key, val in kw.items()}
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), **ref_kw)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    x = torch.randn(2, 3, 7, 8)  # float32 inputs: F.scaled_dot_product_attention itself
+    assert torch.equal(attention(x, x, x), torch.nn.functional.scaled_dot_product_attention(x, x, x))
+
+
 @pytest.mark.parametrize("kw", [{}, dict(reg_tokens=2, drop_path_rate=0.2, init_values=0.1)])
 def test_gradient_checkpointing_keeps_outputs_and_gradients(kw):
     model = _model(**kw).train()  # train mode: dropout/drop-path RNG must replay identically

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .arch import ArchConfig, check, check_rates, pair
 from .base import FamilyModel
 from .explain import AttentionRelevance, attention_rollout, fuse_heads, read_rollout, token_readout
-from .layers import DropPath, Mlp, drop_path_rates, init_linear_trunc_normal, run_checkpointed, take_indices
+from .layers import DropPath, Mlp, attention, drop_path_rates, init_linear_trunc_normal, run_checkpointed, take_indices
 from .model import PatchEmbed
 
 __all__ = ["SIZES", "SwinConfig", "SwinTransformer", "available_models", "match_name", "resample_rel_pos_table",
@@ -365,8 +365,8 @@ class WindowAttention(nn.Module):
         if self.fused and not return_attention and not bias_grad:
             # window b*nW + w of the batch gets bias[w]; one bias (no mask) broadcasts as it is
             attn_mask = bias if nW == 1 else bias.expand(B_ // nW, -1, -1, -1, -1).reshape(B_, H, N, N)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype),
-                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+            x = attention(q, k, v, attn_mask=attn_mask.to(q.dtype),
+                          dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B_, H, N, Dh) @ (B_, H, Dh, N) -> (B_, H, N, N)
             attn = (attn.view(-1, nW, H, N, N) + bias).view(B_, H, N, N).softmax(dim=-1)

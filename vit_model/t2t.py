@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from .arch import ArchConfig, check, check_rates, pair
 from .base import TokenModel
-from .layers import Block, Mlp, drop_path_rates, init_linear_trunc_normal, run_checkpointed
+from .layers import Block, Mlp, attention, drop_path_rates, init_linear_trunc_normal, run_checkpointed
 from .surgery import adapt_input_conv, resample_pos_embed
 
 __all__ = ["T2TConfig", "T2TViT", "T2TModule", "TokenTransformer", "sinusoid_pos_embed_1d", "t2t_flops",
@@ -256,7 +256,7 @@ class TokenAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # -> 3 x (B, H, N, dh)
         attn = None
         if self.fused and not return_attention:
-            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            y = attention(q, k, v, scale=self.scale)
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
             y = attn @ v  # (B, H, N, N) @ (B, H, N, dh) -> (B, H, N, dh)

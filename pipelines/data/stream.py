@@ -509,14 +509,14 @@ class SeekableStream:
     """
 
     def __init__(self, version: DatasetVersion, split: str, cfg: PipelineConfig, *, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, train: bool = True) -> None:
         import pyarrow as pa
 
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
-        self.seed, self.shuffle = cfg.train.seed, cfg.data.shuffle
-        self.spec = stream_spec(version, cfg, train=True)
+        self.seed, self.shuffle, self.train = cfg.train.seed, cfg.data.shuffle, train
+        self.spec = stream_spec(version, cfg, train=train)
         tables = list(iter_shard_batches(version, split, cfg.storage, READ_COLUMNS))
         if not tables:
             raise DataError(f"split {split!r} of {version.uri} is empty; prepare it with more data or use another split")
@@ -533,10 +533,14 @@ class SeekableStream:
 
     def __len__(self) -> int:
         """Rows per rank and epoch."""
-        return len(self.row_ids) // self.world_size
+        return len(self.order(0))
 
     def order(self, epoch: int) -> np.ndarray:
-        """Positions (into the row-id order) of this rank's rows in ``epoch``."""
+        """Positions (into the row-id order) of this rank's rows in ``epoch``: :func:`rank_order`
+        for training; for evaluation (``train=False``) rows rank, rank + world_size, ... in row-id
+        order, every row on exactly one rank (the counts may differ by one)."""
+        if not self.train:
+            return np.arange(self.rank, len(self.row_ids), self.world_size)
         return rank_order(len(self.row_ids), self.seed, epoch, self.rank, self.world_size, self.shuffle)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
