@@ -532,8 +532,9 @@ class SeekableStream:
             self.images, self.decoded = encoded, False
 
     def __len__(self) -> int:
-        """Rows per rank and epoch."""
-        return len(self.order(0))
+        """Rows per rank and epoch (evaluation: the first ``n % world_size`` ranks get one more)."""
+        n = len(self.row_ids)
+        return len(range(self.rank, n, self.world_size)) if not self.train else n // self.world_size
 
     def order(self, epoch: int) -> np.ndarray:
         """Positions (into the row-id order) of this rank's rows in ``epoch``: :func:`rank_order`
