@@ -16,8 +16,9 @@ registered model version (the model of ``--config``, default the main job's) and
 * **ray job**: the whole :func:`pipelines.infer.infer` (model resolution, the pipeline writing
   Parquet, verification, manifest): wall seconds.
 
-Ratios: steady images/s per core vs the plain loop's per core (1 thread; goal >= 0.9), and the
-same against the ``--threads`` plain loop per thread.
+Ratios: steady images/s per core vs the plain loop's per core (1 thread; goal >= 0.9): against
+the plain runs right before and after that pipeline (this host's speed drifts by 10-15 % over
+minutes) and against the mean of all plain runs; and against the ``--threads`` plain loop per thread.
 
     python benchmarks/bench_infer.py [--config configs/local.yaml] [--sizes 10000 100000] [--pools 1x1 2x1] \
                                      [--batch-size N] [--threads 2] [--out benchmarks/results/infer.json]
@@ -106,8 +107,19 @@ def main() -> None:
         ray.shutdown()  # the local cluster ensure_ray started, if any
 
 
+STEADY_FROM = 0.2  # the steady window starts when this share of the rows has reached the driver
+STEADY_MIN_BATCHES = 20  # fewer batch arrivals in the window: no steady rate (10k images = 10 batches of 1024)
+
+
 def pipeline_timing(cfg, version, model_uri: str) -> dict:
-    """The job's Ray Data pipeline iterated by the driver: start-up and steady-state rate."""
+    """The job's Ray Data pipeline iterated by the driver: start-up and steady-state rate.
+
+    Steady = rows arriving after the first :data:`STEADY_FROM` of them / the time they took: both
+    ends of that window are arrivals in the steady state, so the lag between an actor finishing a
+    batch and the driver receiving it cancels (measuring from the first batch would not: the
+    actors keep scoring while the first rows travel, which inflated short runs' rates). Rows
+    reach the driver in bursts, so a window of fewer than :data:`STEADY_MIN_BATCHES` arrivals
+    gives no steady rate (None): a 10k-image run reports its start-up and whole-run rate only."""
     import ray
 
     from pipelines import tracking
@@ -119,16 +131,23 @@ def pipeline_timing(cfg, version, model_uri: str) -> dict:
     model = resolve_model(cfg, model_uri, tracking.client(cfg))
     inputs = resolve_input(cfg, version.uri)
     ds = build_dataset(cfg, inputs, model, ray.put(load_model_package(model)))
-    first = first_rows = None
+    first = None
+    arrivals = []  # (time, cumulative rows)
     rows = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if first is None:
-            first, first_rows = time.perf_counter(), batch.num_rows
+        now = time.perf_counter()
+        first = first or now
         rows += batch.num_rows
-    end = time.perf_counter()
-    steady_s = end - first
+        arrivals.append((now, rows))
+    end = arrivals[-1][0]
+    k = next(i for i, (_, r) in enumerate(arrivals) if r >= STEADY_FROM * rows)
+    start_t, start_rows = arrivals[k]
+    steady_s = end - start_t
+    enough = len(arrivals) - 1 - k >= STEADY_MIN_BATCHES and steady_s > 0
     return {"rows": rows, "startup_s": round(first - submitted, 3), "steady_s": round(steady_s, 3),
-            "steady_images_per_s": round((rows - first_rows) / steady_s, 1) if steady_s > 0 else None,
+            "steady_rows": rows - start_rows, "arrivals": len(arrivals),
+            "steady_images_per_s": round((rows - start_rows) / steady_s, 1) if enough else None,
+            "after_startup_images_per_s": round(rows / (end - first), 1) if end > first else None,
             "total_s": round(end - submitted, 3)}
 
 
@@ -196,13 +215,25 @@ def run() -> None:
             # the job first, then its pipeline timed: start-up on a cluster that has run a job (the
             # very first job on a fresh cluster also pays for Ray's worker pool: in job_timings)
             job = infer(run_cfg, input_uri=versions[n].uri, model_uri=model_uri, job_name=f"bench-{n}-{actors}x{threads}")
+            # this host's speed drifts by 10-15 % over minutes: the plain loop (1 thread) also runs
+            # right before and after each timed pipeline, and the row's ratio is against their mean
+            torch.set_num_threads(1)
+            adjacent = [plain_loop(small, cfg, clf, args.batch_size, cfg.infer.top_k)["images_per_s"]]
             pipe = pipeline_timing(run_cfg, versions[n], model_uri)
+            adjacent.append(plain_loop(small, cfg, clf, args.batch_size, cfg.infer.top_k)["images_per_s"])
+            steady = pipe["steady_images_per_s"]
             row = {"images": n, "actors": actors, "threads_per_actor": threads, "cores": actors * threads, **pipe,
+                   "adjacent_plain_images_per_s": adjacent,
+                   "steady_per_core_vs_adjacent_plain": (round(steady / (actors * threads) / (sum(adjacent) / 2), 3)
+                                                         if steady else None),
                    "job_s": job.seconds, "job_images_per_s": job.images_per_s, "job_timings": job.timings,
                    "correct": job.correct}
             rows.append(row)
-            print(f"ray {n} images, {actors} actor(s) x {threads}: start-up {pipe['startup_s']:.1f} s, steady "
-                  f"{pipe['steady_images_per_s']:.0f} img/s ({pipe['steady_images_per_s'] / row['cores']:.0f} per core); "
+            rate = (f"steady {steady:.0f} img/s ({steady / row['cores']:.0f} per core, "
+                    f"{row['steady_per_core_vs_adjacent_plain']:.2f}x the plain loop run right before and after: "
+                    f"{adjacent[0]:.0f} / {adjacent[1]:.0f} img/s)" if steady else
+                    f"too few batches for a steady rate ({pipe['after_startup_images_per_s']:.0f} img/s after start-up)")
+            print(f"ray {n} images, {actors} actor(s) x {threads}: start-up {pipe['startup_s']:.1f} s, {rate}; "
                   f"whole job {job.seconds:.1f} s", flush=True)
     import ray
 
@@ -211,11 +242,16 @@ def run() -> None:
     per_core = sum(r["images_per_s"] for r in plain[1]) / len(plain[1])
     per_thread = sum(r["images_per_s"] for r in plain[args.threads]) / len(plain[args.threads]) / args.threads
     for row in rows:
+        if not row["steady_images_per_s"]:
+            print(f"{row['images']} images, {row['actors']}x{row['threads_per_actor']}: start-up {row['startup_s']:.1f} s",
+                  flush=True)
+            continue
         ray_per_core = row["steady_images_per_s"] / row["cores"]
         row["steady_per_core_vs_plain_1thread"] = round(ray_per_core / per_core, 3)
         row[f"steady_per_core_vs_plain_{args.threads}threads_per_thread"] = round(ray_per_core / per_thread, 3)
         print(f"{row['images']} images, {row['actors']}x{row['threads_per_actor']}: steady per core "
-              f"{row['steady_per_core_vs_plain_1thread']:.2f}x the plain loop's (1 thread), "
+              f"{row['steady_per_core_vs_plain_1thread']:.2f}x the plain loop's (1 thread, before and after all Ray runs), "
+              f"{row['steady_per_core_vs_adjacent_plain']:.2f}x the plain runs right before and after it, "
               f"{row[f'steady_per_core_vs_plain_{args.threads}threads_per_thread']:.2f}x per thread of the "
               f"{args.threads}-thread loop; start-up {row['startup_s']:.1f} s", flush=True)
 

@@ -378,6 +378,55 @@ def test_verify_output_drops_rows_written_twice_and_refuses_gaps(tmp_path):
         verify_output(f"file://{data}", ["a", "b", "c", "d", "e"], storage)
 
 
+def test_shard_slices_cover_every_row_once_in_batches():
+    """The dataset path's work items: consecutive ranges of at most one batch, per shard, in order."""
+    from pipelines.inference.actors import shard_slices
+    from pipelines.inference.inputs import InferInput
+
+    inputs = InferInput(uri="file:///d", kind="dataset", input_ids=(), shard_uris=("a", "b", "c"), shard_rows=(5, 0, 4))
+    assert [(i["shard"], i["start"], i["stop"]) for i in shard_slices(inputs, 2)] == [
+        ("a", 0, 2), ("a", 2, 4), ("a", 4, 5), ("c", 0, 2), ("c", 2, 4)]
+    assert [(i["start"], i["stop"]) for i in shard_slices(inputs, 1024)] == [(0, 5), (0, 4)]
+
+
+def test_read_shard_rows_reads_only_the_asked_rows_across_row_groups(tmp_path):
+    """Any row range of a shard whose row groups do not line up with the batches: exactly the rows
+    of a whole-file read, sliced; a range past the end (the shard changed) is a one-line DataError."""
+    import pyarrow as pa
+
+    from pipelines.errors import DataError
+    from pipelines.inference.actors import SHARD_COLUMNS, read_shard_rows
+
+    n = 10
+    table = pa.table({"image": [bytes([i]) * 3 for i in range(n)], "label": list(range(n)),
+                      "row_id": list(range(100, 100 + n)), "source_id": [f"s{i}" for i in range(n)],
+                      "extra": [0] * n})
+    pq.write_table(table, tmp_path / "part-00000.parquet", row_group_size=3)  # groups of 3, 3, 3, 1 rows
+    uri = f"file://{tmp_path}/part-00000.parquet"
+    storage = load_config(None, []).storage
+    whole = table.select(SHARD_COLUMNS)
+    for start, stop in [(0, 10), (0, 1), (2, 7), (3, 6), (5, 9), (9, 10), (4, 5)]:
+        assert read_shard_rows(uri, start, stop, storage).to_pylist() == whole.slice(start, stop - start).to_pylist()
+    with pytest.raises(DataError, match=r"part-00000.parquet has 10 rows, the job asked for rows 8-12"):
+        read_shard_rows(uri, 8, 12, storage)
+
+
+def test_evaluation_transform_at_the_stored_size_does_not_import_torchvision():
+    """Inference actors decode with the evaluation transform; at the stored size it is no op, and
+    importing torchvision for it cost each actor ~1 s before its first batch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.config import AugmentConfig; "
+            "from pipelines.data.stream import StreamSpec, build_transform; "
+            "spec = StreamSpec(size=(28, 28), channels=1, train=False, augment=AugmentConfig(), seed=0, deterministic=True); "
+            "assert build_transform(spec, (28, 28)) is None; assert 'torchvision' not in sys.modules, 'imported'; "
+            "assert build_transform(spec, (32, 32)) is not None; print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
 @pytest.mark.integration
 def test_unschedulable_actor_pool_is_refused_not_left_waiting(ray_cluster, tmp_path):
     from pipelines.inference.actors import check_resources
@@ -402,6 +451,6 @@ def test_unschedulable_actor_pool_on_a_connected_cluster_is_a_warning(ray_cluste
         check_resources(make_config(store, db), strict=False)  # 1 actor fits: nothing to say
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [(
         logger, logging.WARNING,
-        "infer.num_actors=4 x infer.cpus_per_actor=1 plus 1 CPU for reading needs 5 CPUs; the Ray cluster has 4. "
+        "infer.num_actors=4 x infer.cpus_per_actor=1 plus 1 CPU for writing needs 5 CPUs; the Ray cluster has 4. "
         "Lower them or add CPUs (ray.num_cpus) (waiting for the autoscaler, if the cluster has one)",
     )]

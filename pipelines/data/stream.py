@@ -97,15 +97,21 @@ def stream_spec(version: DatasetVersion, cfg: PipelineConfig, train: bool) -> St
 
 
 def build_transform(spec: StreamSpec, stored_hw: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Per-image ops on a uint8 (C, H, W) tensor -> uint8 (C, *spec.size); None if nothing to do."""
+    """Per-image ops on a uint8 (C, H, W) tensor -> uint8 (C, *spec.size); None if nothing to do.
+
+    torchvision is imported only when there is an op: evaluation and inference at the stored size
+    (the common case) do not pay its ~1 s import in every worker."""
+    aug, size = spec.augment, list(spec.size)
+    resize = tuple(stored_hw) != tuple(spec.size)
+    if not spec.train and not resize:
+        return None
     from torchvision.transforms import v2
 
-    aug, size = spec.augment, list(spec.size)
     ops: list[Any] = []
     if spec.train and aug.random_resized_crop:
         ops.append(v2.RandomResizedCrop(size, scale=tuple(aug.crop_scale), antialias=True))
     else:
-        if tuple(stored_hw) != tuple(spec.size):
+        if resize:
             ops += [v2.Resize(min(size), antialias=True), v2.CenterCrop(size)]
         if spec.train and aug.random_crop_padding:
             ops.append(v2.RandomCrop(size, padding=aug.random_crop_padding))

@@ -1,12 +1,13 @@
-"""What runs on the cluster in a batch-inference job: decode functions, the model actor, and
-the Ray Data pipeline that connects them. Imports neither MLflow nor the task module.
+"""What runs on the cluster in a batch-inference job: the loaders, the model actor, and the Ray
+Data pipeline that connects them. Imports neither MLflow nor the task module.
 
-read (shards re-cut into blocks of one batch, or the file listing) -> decode (the data plane's
-eval preprocessing for shard rows, :mod:`pipelines.imaging` for raw files) -> :class:`BatchPredictor`
-on a fixed pool of actors, which builds the pinned model once from the object store and returns
-one :data:`OUTPUT_SCHEMA` row per input; an unreadable input is a row with ``error`` set. With
-``infer.explain`` the actors also write each input's attention overlay (:func:`vit_model.explain`)
-to ``<explain folder>/<input id>.png`` and add its URI as the ``explain_uri`` column.
+work items (shard row ranges of one batch each, or the file listing) -> :class:`BatchPredictor` on
+a fixed pool of actors, which builds the pinned model once from the object store, loads each
+batch itself (reads the rows and decodes them: the data plane's eval preprocessing for shard rows,
+:mod:`pipelines.imaging` for raw files) and returns one :data:`OUTPUT_SCHEMA` row per input; an
+unreadable input is a row with ``error`` set. With ``infer.explain`` the actors also write each
+input's attention overlay (:func:`vit_model.explain`) to ``<explain folder>/<input id>.png`` and
+add its URI as the ``explain_uri`` column.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -26,9 +27,9 @@ from vit_model import arch_from_dict, build_model, explain, to_preferred_memory_
 
 from .. import storage as st
 from ..config import AugmentConfig, PipelineConfig, StorageConfig
-from ..data.stream import StreamSpec, build_transform, decode_chw, read_shards
+from ..data.stream import StreamSpec, build_transform, decode_chw
 from ..engine import with_tta
-from ..errors import ConfigError, first_line
+from ..errors import ConfigError, DataError, first_line
 from ..imaging import InvalidImage, decode
 from ..plots import overlay_png
 from .inputs import InferInput
@@ -120,6 +121,55 @@ def decode_shard_batch(batch: Mapping[str, np.ndarray], spec: DecodeSpec, split:
     return _decoded_batch(ids, [str(s) for s in batch["source_id"]], [int(v) for v in batch["label"]], pixels, errors)
 
 
+SHARD_COLUMNS = ["image", "label", "row_id", "source_id"]
+
+
+def shard_slices(inputs: InferInput, rows_per_slice: int) -> list[dict[str, Any]]:
+    """The dataset path's work items: ``{"shard", "start", "stop"}`` row ranges of at most
+    ``rows_per_slice`` rows (one batch), in shard order, covering every row of every shard once."""
+    step = max(1, int(rows_per_slice))
+    return [{"shard": uri, "start": start, "stop": min(start + step, rows)}
+            for uri, rows in zip(inputs.shard_uris, inputs.shard_rows) for start in range(0, rows, step)]
+
+
+def read_shard_rows(uri: str, start: int, stop: int, storage: StorageConfig, fs: Any = None) -> pa.Table:
+    """Rows ``[start, stop)`` of one Parquet shard: only the row groups that hold them are read."""
+    import pyarrow.parquet as pq
+
+    fs_path = st.parse_uri(uri).fs_path
+    fs = fs or st.filesystem(uri, storage)
+
+    def read() -> tuple[pa.Table | None, int, int]:
+        with fs.open_input_file(fs_path) as f:
+            pf = pq.ParquetFile(f)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            ends = np.cumsum(sizes, dtype=np.int64)
+            groups = [g for g, end in enumerate(ends) if end > start and end - sizes[g] < stop]
+            if not 0 <= start < stop <= (int(ends[-1]) if sizes else 0):
+                return None, int(ends[-1]) if sizes else 0, 0
+            return pf.read_row_groups(groups, columns=SHARD_COLUMNS), int(ends[-1]), int(ends[groups[0]] - sizes[groups[0]])
+
+    table, rows, first = st.with_retries(read, uri, "read", storage)
+    if table is None:
+        raise DataError(f"shard {uri} has {rows} rows, the job asked for rows {start}-{stop}: it changed after the job "
+                        "started; run the job again")
+    return table.slice(start - first, stop - start)
+
+
+def read_decode_shard_rows(batch: Mapping[str, np.ndarray], spec: DecodeSpec, storage: StorageConfig,
+                           split: str) -> dict[str, np.ndarray]:
+    """Work items of :func:`shard_slices` -> their rows read from the shards and decoded
+    (:func:`decode_shard_batch`). Runs fused into the model actors: no read tasks, no copy of the
+    encoded images through the object store."""
+    uris = [str(u) for u in batch["shard"]]
+    fs = st.filesystem(uris[0], storage) if uris else None
+    parts = [read_shard_rows(u, int(a), int(b), storage, fs=fs)
+             for u, a, b in zip(uris, batch["start"], batch["stop"])]
+    table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in SHARD_COLUMNS})
+    columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in SHARD_COLUMNS}
+    return decode_shard_batch(columns, spec, split)
+
+
 def read_decode_files(batch: Mapping[str, np.ndarray], spec: DecodeSpec,
                       storage: StorageConfig) -> dict[str, np.ndarray]:
     """Raw image files -> pixels through prepare's guarded decoder; unreadable files -> errors."""
@@ -163,7 +213,8 @@ class BatchPredictor:
     """
 
     def __init__(self, model: ResolvedModel, package: Any, top_k: int, use_gpu: bool = False, threads: int = 1,
-                 explain_uri: str | None = None, storage: StorageConfig | None = None, tta: str = "none"):
+                 explain_uri: str | None = None, storage: StorageConfig | None = None, tta: str = "none",
+                 loader: Callable[..., dict[str, np.ndarray]] | None = None, loader_kwargs: Mapping[str, Any] | None = None):
         import ray  # here: the actor's process pays for these imports, not the driver's CLI
         import torch
         from safetensors.torch import load as load_safetensors
@@ -187,10 +238,13 @@ class BatchPredictor:
         self.explain_uri = explain_uri
         self.storage = storage
         self.schema = output_schema(explain_uri is not None)
+        self.loader, self.loader_kwargs = loader, dict(loader_kwargs or {})
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
         import torch
 
+        if self.loader is not None:  # work items (shard row ranges, file URIs) -> decoded pixels
+            batch = self.loader(batch, **self.loader_kwargs)
         errors = [str(e) for e in batch["error"]]
         n = len(errors)
         labels = [-1] * n
@@ -265,31 +319,24 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel,
     ic = cfg.infer
     spec = DecodeSpec.of(model)
     if inputs.kind == "dataset":
-        fs, _ = st.resolve(inputs.shard_uris[0], cfg.storage)
-        paths = [st.parse_uri(u).fs_path for u in inputs.shard_uris]
-        # V1 reader, as for training: the default one deadlocks when the cluster's CPUs are held
-        # (here: by the model actors, or a sweep's last placement group still being released)
-        ds = read_shards(paths, fs, ["image", "label", "row_id", "source_id"])
-        # Blocks of at most one batch: Ray Data merges small shards into one block (bytes, not compute,
-        # decide its block size), which would leave all but one actor idle.
-        ds = ds.repartition(target_num_rows_per_block=ic.batch_size)
-        ds = ds.map_batches(decode_shard_batch, fn_kwargs={"spec": spec, "split": inputs.split},
-                            batch_size=ic.batch_size, batch_format="numpy", udf_modifying_row_count=False)
+        # One work item per batch of shard rows; the actors read them from the shards themselves
+        items: list[dict[str, Any]] = shard_slices(inputs, ic.batch_size)
+        loader, loader_kwargs, items_per_call = read_decode_shard_rows, {"storage": cfg.storage, "split": inputs.split}, 1
     else:
         items = [{"input_id": i, "source": u} for i, u in zip(inputs.input_ids, inputs.file_uris)]
-        blocks = max(1, math.ceil(len(items) / ic.batch_size))
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(read_decode_files, fn_kwargs={"spec": spec, "storage": cfg.storage},
-                            batch_size=ic.batch_size, batch_format="numpy", udf_modifying_row_count=False)
+        loader, loader_kwargs, items_per_call = read_decode_files, {"storage": cfg.storage}, ic.batch_size
+    # One block per call: Ray Data would otherwise merge the small item blocks (bytes, not compute,
+    # decide its block size) and leave all but one actor idle.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / items_per_call)))
     threads = max(1, int(ic.cpus_per_actor))
     return ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model": model, "package": package, "top_k": ic.top_k, "use_gpu": ic.use_gpu,
                                "threads": threads, "explain_uri": explain_uri, "storage": cfg.storage,
-                               "tta": ic.tta},
+                               "tta": ic.tta, "loader": loader, "loader_kwargs": {"spec": spec, **loader_kwargs}},
         compute=ray.data.ActorPoolStrategy(size=ic.num_actors),
-        batch_size=ic.batch_size, batch_format="numpy", num_cpus=ic.cpus_per_actor,
-        num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=False,
+        batch_size=items_per_call, batch_format="numpy", num_cpus=ic.cpus_per_actor,
+        num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=True,
     )
 
 
@@ -309,10 +356,10 @@ def check_resources(cfg: PipelineConfig, *, strict: bool = True) -> None:
             f"infer.use_gpu=true with infer.num_actors={ic.num_actors} needs {ic.num_actors} GPU(s); the Ray cluster "
             f"has {gpus:g}. Set infer.use_gpu=false or lower infer.num_actors"
         )
-    need = ic.num_actors * ic.cpus_per_actor + 1  # + one CPU for the read/decode/write tasks
+    need = ic.num_actors * ic.cpus_per_actor + 1  # + one CPU for the tasks that write the rows
     if need > cpus:
         problems.append(
-            f"infer.num_actors={ic.num_actors} x infer.cpus_per_actor={ic.cpus_per_actor:g} plus 1 CPU for reading "
+            f"infer.num_actors={ic.num_actors} x infer.cpus_per_actor={ic.cpus_per_actor:g} plus 1 CPU for writing "
             f"needs {need:g} CPUs; the Ray cluster has {cpus:g}. Lower them or add CPUs (ray.num_cpus)"
         )
     if problems and strict:

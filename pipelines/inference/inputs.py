@@ -37,6 +37,7 @@ class InferInput:
     classes: tuple[str, ...] | None = None  # dataset only
     channels: int | None = None  # dataset only
     shard_uris: tuple[str, ...] = ()  # dataset only
+    shard_rows: tuple[int, ...] = ()  # dataset only, aligned with shard_uris
     file_uris: tuple[str, ...] = field(default=(), repr=False)  # images only, aligned with input_ids
     skipped: int = 0  # images only: files without an image extension, or hidden
 
@@ -70,18 +71,21 @@ def _dataset_input(cfg: PipelineConfig, uri: str, split: str) -> InferInput:
         raise DataError(f"split {split!r} of {uri} is empty; pick another split with --set infer.split=...")
     verify_split(version, split, cfg.storage)  # the shards are the ones prepare wrote
     row_ids: list[int] = []
+    shard_rows: list[int] = []
     for shard_uri in shard_uris:  # one int column per shard
         fs, path = st.resolve(shard_uri, cfg.storage)
         table = st.with_retries(lambda path=path, fs=fs: pq.read_table(path, filesystem=fs, columns=["row_id"]), shard_uri, "read",
                                 cfg.storage)
         row_ids.extend(table.column("row_id").to_pylist())
+        shard_rows.append(table.num_rows)
     ids = tuple(f"{split}/{r}" for r in row_ids)
     if len(set(ids)) != len(ids):
         raise DataError(f"dataset {uri} split {split!r} repeats row ids; re-run prepare into a clean storage.uri")
     h = hashlib.sha256(json.dumps({"dataset": version.version, "split": split,
                                    "shards": [s.sha256 for s in shards]}, sort_keys=True).encode())
     return InferInput(uri=uri, kind="dataset", input_ids=ids, digest=h.hexdigest(), split=split,
-                      classes=tuple(version.classes), channels=version.channels, shard_uris=tuple(shard_uris))
+                      classes=tuple(version.classes), channels=version.channels, shard_uris=tuple(shard_uris),
+                      shard_rows=tuple(shard_rows))
 
 
 def _images_input(cfg: PipelineConfig, uri: str) -> InferInput:
