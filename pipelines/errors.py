@@ -40,6 +40,23 @@ class RegisterError(UserError):
     """The model cannot be registered (bad model directory, no test data for the gate, ...)."""
 
 
+def user_error_behind(exc: BaseException) -> UserError | None:
+    """The innermost :class:`UserError` that ``exc`` wraps, if any: a Ray task or actor error
+    (``.cause``), Ray Data's ``UserCodeException`` (raised ``from`` the UDF's error) and plain
+    exception chains are followed, so a bad input found inside a Ray worker still reaches the
+    user as its one line (lines Ray appends to the message on the way are dropped)."""
+    found, seen = None, set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            found = current  # keep walking: Ray's task errors subclass their cause's class; the cause is the clean one
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    if found is not None and found.args and "\n" in str(found.args[0]):
+        found.args = (str(found.args[0]).splitlines()[0], *found.args[1:])  # Ray Data appends retry advice
+    return found
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (at most ``limit`` characters), else its type name."""
     text = str(exc).strip()

@@ -26,7 +26,7 @@ from typing import Any
 from . import storage as st
 from . import tracking
 from .config import PipelineConfig
-from .errors import ConfigError, InferError, first_line, redact_uri
+from .errors import ConfigError, InferError, first_line, redact_uri, user_error_behind
 from .inference.actors import EXPLAIN_FOLDER, build_dataset, check_resources, output_schema
 from .inference.inputs import InferInput, resolve_input
 from .inference.model import ResolvedModel, load_model_package, parse_model_uri, resolve_model
@@ -153,7 +153,13 @@ def infer(cfg: PipelineConfig, *, input_uri: str, model_uri: str, job_name: str 
             import ray  # connected by ensure_ray above
 
             explain_uri = st.join_uri(data_uri, EXPLAIN_FOLDER) if cfg.infer.explain else None
-            write_rows(build_dataset(cfg, inputs, model, ray.put(package), explain_uri), data_uri, cfg.storage)
+            try:
+                write_rows(build_dataset(cfg, inputs, model, ray.put(package), explain_uri), data_uri, cfg.storage)
+            except Exception as exc:  # a bad input met inside an actor (e.g. a shard changed): its one line
+                user_error = user_error_behind(exc)
+                if user_error is None:
+                    raise
+                raise user_error from None
             ray_s = time.monotonic() - ray_started
             say(f"Ray job done in {ray_s:.1f} s; verifying one row per input")
 

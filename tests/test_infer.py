@@ -348,6 +348,52 @@ def test_partial_job_is_never_complete_and_a_rerun_completes(setup, monkeypatch)
     assert st.list_dirs(job_uri, cfg.storage) == [manifest["data"]] != leftovers  # the failed attempt is gone
 
 
+@pytest.mark.integration
+def test_an_error_inside_the_actors_is_its_one_line_and_nothing_is_published(setup, monkeypatch):
+    """The actors read the shard rows themselves: a shard that holds fewer rows than at job start
+    (simulated by the driver expecting 7 more) fails the job with the actor's one-line DataError,
+    not a Ray traceback, and no manifest is published."""
+    import dataclasses
+
+    from pipelines.errors import DataError
+
+    cfg, version = setup["cfg"], setup["version"]
+    real = infer_mod.resolve_input
+
+    def grown(*args, **kwargs):
+        got = real(*args, **kwargs)
+        return dataclasses.replace(got, shard_rows=(got.shard_rows[0] + 7,) + got.shard_rows[1:])
+
+    monkeypatch.setattr(infer_mod, "resolve_input", grown)
+    with pytest.raises(DataError, match=r"^shard s3://\S+/part-00000\.parquet has 50 rows, the job asked for rows "
+                                        r"48-57: it changed after the job started; run the job again$"):
+        infer(cfg, input_uri=version.uri, model_uri=f"models:/{MODEL_NAME}@champion", job_name="changed")
+    assert not st.exists(st.join_uri(setup["root"], "predictions", "changed", "manifest.json"), cfg.storage)
+
+
+def test_user_error_behind_follows_ray_and_exception_chains():
+    """The unwrapping :func:`infer` uses: the innermost UserError of a cause chain, else None."""
+    from pipelines.errors import DataError, user_error_behind
+
+    class TaskError(RuntimeError):  # like ray.exceptions.RayTaskError: the cause as an attribute
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    inner = DataError("shard x has 3 rows")
+    try:
+        try:
+            raise inner
+        except DataError as e:
+            raise RuntimeError("UDF failed to process a data block.") from e
+    except RuntimeError as wrapped:
+        assert user_error_behind(TaskError(wrapped)) is inner
+    assert user_error_behind(TaskError(RuntimeError("boom"))) is None
+    assert user_error_behind(inner) is inner
+    appended = DataError("shard x has 3 rows\nFailed to apply UDF transform after 1/1 attempts")
+    assert str(user_error_behind(TaskError(appended))) == "shard x has 3 rows"
+
+
 def test_verify_output_drops_rows_written_twice_and_refuses_gaps(tmp_path):
     """The exactly-once check on its own: duplicates (a retried task's second copy) are removed
     from the files, a missing input is an error."""

@@ -159,8 +159,8 @@ def read_shard_rows(uri: str, start: int, stop: int, storage: StorageConfig, fs:
 def read_decode_shard_rows(batch: Mapping[str, np.ndarray], spec: DecodeSpec, storage: StorageConfig,
                            split: str) -> dict[str, np.ndarray]:
     """Work items of :func:`shard_slices` -> their rows read from the shards and decoded
-    (:func:`decode_shard_batch`). Runs fused into the model actors: no read tasks, no copy of the
-    encoded images through the object store."""
+    (:func:`decode_shard_batch`). :class:`BatchPredictor` calls it in the model actor: no read
+    tasks, no copy of the encoded images through the object store."""
     uris = [str(u) for u in batch["shard"]]
     fs = st.filesystem(uris[0], storage) if uris else None
     parts = [read_shard_rows(u, int(a), int(b), storage, fs=fs)
@@ -329,7 +329,7 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel,
     # decide its block size) and leave all but one actor idle.
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / items_per_call)))
     threads = max(1, int(ic.cpus_per_actor))
-    return ds.map_batches(
+    ds = ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model": model, "package": package, "top_k": ic.top_k, "use_gpu": ic.use_gpu,
                                "threads": threads, "explain_uri": explain_uri, "storage": cfg.storage,
@@ -338,6 +338,11 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel,
         batch_size=items_per_call, batch_format="numpy", num_cpus=ic.cpus_per_actor,
         num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=True,
     )
+    # An error the actors raise (e.g. a shard that changed since job start) reaches the driver as
+    # itself, not as Ray Data's UserCodeException, whose pickled form drops its cause: infer()
+    # then shows the error's one line. The setting is this dataset's (Ray Data copies the context).
+    ds.context.raise_original_map_exception = True
+    return ds
 
 
 def check_resources(cfg: PipelineConfig, *, strict: bool = True) -> None:
