@@ -9,7 +9,7 @@ registered model version (the model of ``--config``, default the main job's) and
   normalise with the packaged mean/std), runs the forward pass and takes the top-k. Model loading
   is not timed. Runs before and after the Ray runs; the mean is the baseline.
 * **ray pipeline**, on a running local Ray cluster, for each ``--pools`` entry ``AxT`` (A model
-  actors of T CPUs / T torch threads; decode fused into the actors): the job's own Ray Data
+  actors of T CPUs / T torch threads; each actor reads and decodes its own batches): the job's own Ray Data
   pipeline (:func:`pipelines.inference.actors.build_dataset`) iterated by the driver. **start-up**
   = submit -> first prediction rows (actor process start, imports, model build, planning, the
   first read); **steady** = rows after the first batch / time after it. Per core = steady / (A x T).
