@@ -140,14 +140,20 @@ def read_shard_rows(uri: str, start: int, stop: int, storage: StorageConfig, fs:
     fs = fs or st.filesystem(uri, storage)
 
     def read() -> tuple[pa.Table | None, int, int]:
+        """(the rows' row groups or None if the range is not in the shard, the shard's rows, first row read)"""
         with fs.open_input_file(fs_path) as f:
             pf = pq.ParquetFile(f)
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-            ends = np.cumsum(sizes, dtype=np.int64)
-            groups = [g for g, end in enumerate(ends) if end > start and end - sizes[g] < stop]
-            if not 0 <= start < stop <= (int(ends[-1]) if sizes else 0):
-                return None, int(ends[-1]) if sizes else 0, 0
-            return pf.read_row_groups(groups, columns=SHARD_COLUMNS), int(ends[-1]), int(ends[groups[0]] - sizes[groups[0]])
+            total = pf.metadata.num_rows
+            if not 0 <= start < stop <= total:
+                return None, total, 0
+            groups, first, offset = [], 0, 0
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset < stop and offset + n > start:
+                    first = offset if not groups else first
+                    groups.append(g)
+                offset += n
+            return pf.read_row_groups(groups, columns=SHARD_COLUMNS), total, first
 
     table, rows, first = st.with_retries(read, uri, "read", storage)
     if table is None:
