@@ -34,15 +34,16 @@ TASKS: dict[str, tuple[str, list[Option]]] = {
         (("--resume",), dict(action="store_true", help="continue the interrupted sweep named tune.name")),
     ]),
     "evaluate": ("score a checkpoint or run on the test split", [
-        (("--model",), dict(dest="model_uri", help="vit_model directory URI (default: newest finished training)")),
+        (("--model",), dict(dest="model_uri", help="vit_model directory URI (default: the model of "
+                                                    "train.run_name's run, else of the newest finished training)")),
         (("--run-id",), dict(help="MLflow training run whose model to evaluate")),
         (("--split",), dict(default="test", help="dataset split to score (default: test)")),
     ]),
     "register": ("package a trained model for MLflow and gate the @champion alias", [
         (("--model-dir", "--model"), dict(dest="model_dir", default=None, metavar="URI",
                                           help="vit_model directory to register (config.json + model.safetensors): "
-                                               "path, file:// or s3:// (default: the model of --run-id, else of the "
-                                               "newest finished training)")),
+                                               "path, file:// or s3:// (default: the model of --run-id, else of "
+                                               "train.run_name's run, else of the newest finished training)")),
         (("--run-id",), dict(default=None, help="MLflow run that trained the model (default: from the model's meta)")),
     ]),
     "infer": ("batch inference over images with a registered model", [

@@ -2,7 +2,9 @@
 
 The model is a ``vit_model`` directory (what :mod:`pipelines.train` exports to
 ``<storage>/train/<run>/model``), found from ``--model URI``, ``--run-id`` (the MLflow training
-run's ``pipeline.model_uri`` tag) or, by default, the newest finished training run. Images are
+run's ``pipeline.model_uri`` tag), the run the config names (``train.run_name``; it must have
+finished, so a named config never scores another config's model) or, when the config names no
+run, the newest finished training run. Images are
 preprocessed exactly as at validation time, with the mean/std and size stored with the weights.
 Results: acc@1, acc@5, loss, per-class accuracy and the confusion matrix, written beside the
 model as ``evaluation-<split>.json``, logged as ``<split>_*`` metrics plus a confusion-matrix

@@ -495,7 +495,7 @@ def register_from_workflow(cfg: PipelineConfig, *, model_uri: str, dataset_uri: 
 
 def run_cli(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     model_dir, run_id = args.model_dir, args.run_id
-    if not model_dir:  # the same default as evaluate: the run's exported model, else the newest one
+    if not model_dir:  # the same default as evaluate: --run-id's model, else train.run_name's, else the newest
         model_dir, found_run = tracking.latest_model_uri(cfg, run_id)
         run_id = run_id or found_run
 

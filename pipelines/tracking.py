@@ -262,16 +262,26 @@ def fail_run(mlflow_client, run_id: str) -> None:
 
 
 def latest_model_uri(cfg: PipelineConfig, run_id: str | None = None) -> tuple[str, str | None]:
-    """(model URI, training run id) from a run id, or from the newest finished training run."""
+    """(model URI, training run id) of the training run to score or register: the run ``run_id``;
+    else the run the config names (``train.run_name``), which must have finished; else the newest
+    finished training run. A config that names its run never picks up another config's model."""
     from mlflow.exceptions import MlflowException
 
     c = client(cfg)
+    name = cfg.train.run_name
     if run_id:
         try:
             run = c.get_run(run_id)
         except MlflowException:
             raise UserError(f"MLflow run {run_id!r} does not exist in {redact_uri(resolve_tracking_uri(cfg))}; pass "
                             "the id of a training run (shown by `python -m pipelines train`) or --model URI") from None
+    elif name:
+        run = find_run(cfg, name, "train", mlflow_client=c)
+        if run is None or run.info.status != "FINISHED":
+            state = "does not exist" if run is None else f"has not finished (status {run.info.status})"
+            raise UserError(f"training run {name!r} (train.run_name) {state} in MLflow experiment "
+                            f"{cfg.mlflow.experiment_name!r}; train it with `python -m pipelines train` and the same "
+                            "config, or pass --run-id / --model URI")
     else:
         runs = c.search_runs([experiment_id(cfg, c)],
                              filter_string=f"tags.`{TASK_TAG}` = 'train' and attributes.status = 'FINISHED'",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import mlflow
+import pytest
 
 from pipelines import tracking
 
@@ -41,3 +42,31 @@ def test_a_late_failure_does_not_overwrite_a_run_the_sweep_closed(tmp_path):
         tracking.fail_run(client, run_id)
     assert client.get_run(stopped).info.status == "KILLED"
     assert client.get_run(broken).info.status == "FAILED"
+
+
+def test_evaluate_and_register_default_to_the_run_the_config_names(tmp_path):
+    # two finished training runs, 'best' then 'quick': a config that names 'best' must get best's
+    # model although 'quick' finished later; a config that names no run gets the newest
+    from pipelines.config import load_config
+    from pipelines.errors import UserError
+
+    def cfg(*extra):
+        return load_config(None, [f"storage.uri={tmp_path.as_uri()}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+                                  *extra])
+
+    client = tracking.client(cfg())
+    ids = {}
+    for name in ("best", "quick", "open"):
+        ids[name], _ = tracking.start_or_resume_run(cfg(), name, "train")
+        client.set_tag(ids[name], "pipeline.model_uri", f"file:///models/{name}")
+        if name != "open":
+            client.set_terminated(ids[name], status="FINISHED")
+
+    assert tracking.latest_model_uri(cfg("train.run_name=best")) == ("file:///models/best", ids["best"])
+    assert tracking.latest_model_uri(cfg()) == ("file:///models/quick", ids["quick"])
+    assert tracking.latest_model_uri(cfg("train.run_name=best"), ids["quick"]) == ("file:///models/quick", ids["quick"])
+    with pytest.raises(UserError, match=r"^training run 'other' \(train.run_name\) does not exist in MLflow experiment "
+                                        r"'vit'; train it .* or pass --run-id / --model URI$"):
+        tracking.latest_model_uri(cfg("train.run_name=other"))
+    with pytest.raises(UserError, match=r"^training run 'open' \(train.run_name\) has not finished \(status RUNNING\)"):
+        tracking.latest_model_uri(cfg("train.run_name=open"))
