@@ -187,6 +187,24 @@ class Node:
                                          env=self.env, start_new_session=True)
         return self
 
+    def join(self, ray, timeout: float, interval: float = 0.5) -> list[str]:
+        """Start this (non-head) node and wait until the cluster has two alive nodes.
+
+        ``ray start`` gives its raylet a fixed 30 s to register with the GCS and then exits; on two
+        busy cores that can lapse (one GCS call can itself wait out its 30 s deadline), so a
+        ``ray start`` that exits before the node is up is started again, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self.start()
+        while time.monotonic() < deadline:
+            if nodes := _two_nodes(ray):
+                return nodes
+            if self.proc is not None and self.proc.poll() is not None:
+                _say(f"{self.name}: `ray start` exited with {self.proc.returncode} before joining; starting it again")
+                self.kill()  # whatever it left running (a raylet that might register late)
+                self.start()
+            time.sleep(interval)
+        raise TimeoutError(f"{self.name} not joined within {timeout:.0f} s")
+
     def pids(self) -> tuple[list[int], int | None]:
         """Every process of this node: ``ray start``, its descendants (raylet, GCS, agents, the
         workers under the raylet) and any process naming the temp dir; and the raylet's pid."""
@@ -305,10 +323,11 @@ def driver(args: argparse.Namespace) -> int:
 
         head.start()
         _wait_for("the head's GCS port", lambda: _port_open(gcs_port), 90)
-        node2.start()
+        # connect first: ray.init returns once the head's GCS serves, so node 2's start-up
+        # does not race the head's own
         ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False, configure_logging=False)
         head_node = ray.get_runtime_context().get_node_id()
-        nodes = _wait_for("two alive nodes", lambda: _two_nodes(ray), 90)
+        nodes = node2.join(ray, 150)
         node2_first = next(n for n in nodes if n != head_node)
         timings["cluster_s"] = round(time.monotonic() - t_start, 1)
         _say(f"cluster up: head {head_node[:8]}, node 2 {node2_first[:8]}")
@@ -355,8 +374,7 @@ def driver(args: argparse.Namespace) -> int:
                         _wait_for("node 2 declared dead", lambda: node2_first not in _alive_nodes(ray), 60, 0.2)
                         out["node_dead_s"] = round(time.monotonic() - kill_at, 1)
                         shutil.rmtree(node2.temp_dir, ignore_errors=True)  # a rebooted machine: clean /tmp
-                        node2.start()
-                        alive = _wait_for("node 2 back", lambda: _two_nodes(ray), 90, 0.2)
+                        alive = node2.join(ray, 150, 0.2)
                         out["node2_second"] = next(n for n in alive if n != head_node)
                         out["nodes_after_restart"] = len(alive)
                         out["node_back_s"] = round(time.monotonic() - kill_at, 1)
