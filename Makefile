@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup data lint test test-fast run bench-model clean
+.PHONY: setup data lint test test-fast test-slow run bench-model clean
 
 setup: $(VENV)/.installed
 
@@ -33,7 +33,11 @@ test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
+
+# The cases the default run leaves out because a benchmark covers them (pyproject: -m "not slow").
+test-slow: setup data
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The main job on embedded defaults: local Ray, ./artifacts, sqlite MLflow, Fashion-MNIST.
 run: setup data

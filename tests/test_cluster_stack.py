@@ -182,7 +182,6 @@ def test_register_against_the_stack_mlflow_server(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline(tmp_path, fmnist_idx):
     """`ray job submit` of `pipelines run` (tiny config) on the stack's `ray start --head`."""
     from helpers import TINY_WORKFLOW as TINY

@@ -112,6 +112,7 @@ def test_one_epoch_two_workers_then_resume_then_nan(ray_cluster, s3_dataset, fmn
     load_training_state(local, model=build_model(spec), restore_rng=False)  # hashes verify, weights load
 
 
+@pytest.mark.slow  # ~60-70 s; covered by `python benchmarks/bench_faults.py --kinds train_worker` (random kills)
 def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_cluster, fmnist_idx, tmp_path):
     root = f"file://{tmp_path}/store"
     # long enough (5 epochs of 30 steps) that the kill lands inside the run even when epochs are
