@@ -100,15 +100,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_bench_args(doc: str, out: str, steps: int = 20) -> argparse.Namespace:
+    """The options every per-thread training-step benchmark takes (this one, bench_step.py);
+    sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64, help="per-worker batch of the recipes")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/results/precision.json")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--out", default=out)
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
+    return a
+
+
+def write_results(a: argparse.Namespace, rows: dict, **extra) -> None:
+    """``a.out``: the date, versions, machine, the options and ``rows`` (one per case)."""
+    out = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(), **extra,
+           "cpus": os.cpu_count(), "threads": a.threads, "batch": a.batch, "repeats": a.repeats, "steps": a.steps,
+           "cases": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+def main() -> None:
+    a = step_bench_args(__doc__, "benchmarks/results/precision.json")
     native = cpu_has_native_bf16()
     print(f"CPU {cpu_model()}: native bf16 {'yes' if native else 'no'} (train.precision auto -> "
           f"{'bf16' if native else 'fp32'})", flush=True)
@@ -118,12 +135,7 @@ def main() -> None:
         m, ratio = r["images_per_s_per_thread"], r["ratio_over_fp32"]
         print(f"{case:28s} fp32 {m['fp32']:6.0f} img/s  bf16 {m['bf16']:6.0f} ({ratio['bf16']:.2f}x)  "
               f"bf16 with bf16 attention {m['bf16_attn_bf16']:6.0f} ({ratio['bf16_attn_bf16']:.2f}x)", flush=True)
-    out = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(), "native_bf16": native,
-           "cpus": os.cpu_count(), "threads": a.threads, "batch": a.batch, "repeats": a.repeats, "steps": a.steps,
-           "cases": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_results(a, rows, native_bf16=native)
 
 
 if __name__ == "__main__":
