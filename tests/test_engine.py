@@ -86,7 +86,6 @@ def test_no_decay_group_holds_exactly_norms_biases_and_tokens():
     assert all(g["lr"] == cfg.lr for g in opt.param_groups)
 
 
-
 def test_optimizer_steps_equal_the_unfused_adamw():
     """build_optimizer takes the fused kernel where the device has one (the CPU from torch 2.4):
     five steps on the same gradients must land where PyTorch's per-parameter AdamW lands with the
@@ -108,6 +107,7 @@ def test_optimizer_steps_equal_the_unfused_adamw():
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert (model.head.weight - start.head.weight).abs().max() > 1e-3  # the steps moved the weights
+
 
 def _lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
     if step < warmup:
