@@ -182,8 +182,10 @@ class InferConfig:
     job_name: str | None = None
     split: str = "test"  # which split of a dataset-version input to score
     cpus_per_actor: float = 1.0  # CPUs reserved per model actor; torch threads = max(1, int(this)) on CPU
-    tta: str = "none"  # test-time augmentation for evaluate and batch inference: none | hflip (mean of the
-    # class probabilities of the image and its mirror; 2x the compute)
+    tta: str = "none"  # test-time augmentation for evaluate and batch inference: the mean class probabilities
+    # over views of each image: none | hflip (image + mirror: 2x the compute) | shift (every translation by
+    # up to tta_shift px, zero-padded as the training's random crop: (2 * tta_shift + 1)^2 x) | hflip+shift (both)
+    tta_shift: int = 2  # largest translation of the shift modes, in pixels (data.augment.random_crop_padding)
     explain: bool = False  # also write an attention overlay per input: <attempt>/explain/<input id>.png + explain_uri
 
 
@@ -280,8 +282,13 @@ def _refuse_moved_model_keys(data: dict[str, Any]) -> None:
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 AUTO_AUGMENT = (None, "trivial", "randaugment")
-TTA_MODES = ("none", "hflip")
+TTA_MODES = ("none", "hflip", "shift", "hflip+shift")
 STREAM_MODES = ("auto", "ray", "memory")  # data.stream
+
+
+def tta_label(tta: str, shift: int) -> str:
+    """How results name an ``infer.tta`` setting: ``none``, ``hflip``, ``shift2``, ``hflip+shift2``."""
+    return f"{tta}{shift}" if tta.endswith("shift") else tta
 
 
 def _at_least(n: float):
@@ -330,7 +337,8 @@ VALUE_CHECKS = [
     ("registry.metric", _one_of("test_acc", "test_loss")), ("registry.mode", _one_of("max", "min")),
     ("registry.margin", _at_least(0)), ("registry.log_tag_entries", _at_least(1)),
     ("infer.batch_size", _at_least(1)), ("infer.num_actors", _at_least(1)), ("infer.top_k", _at_least(1)),
-    ("infer.cpus_per_actor", _POSITIVE), ("infer.tta", _one_of(*TTA_MODES)), ("ray.num_cpus", _optional(_at_least(1))),
+    ("infer.cpus_per_actor", _POSITIVE), ("infer.tta", _one_of(*TTA_MODES)), ("infer.tta_shift", _at_least(1)),
+    ("ray.num_cpus", _optional(_at_least(1))),
     ("workflow.search", _one_of("tune", "train")), ("workflow.retries", _at_least(0)),
     ("workflow.retry_backoff_s", _at_least(0)),
     ("workflow.steps", ((lambda v: set(v) <= set(WORKFLOW_STEPS)), f"must list steps from {', '.join(WORKFLOW_STEPS)}")),

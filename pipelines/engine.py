@@ -29,7 +29,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import PRECISIONS, TrainConfig
+from .config import PRECISIONS, TTA_MODES, TrainConfig
 from .errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | Mapping[str, torch.Tensor]
@@ -79,27 +79,66 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-class FlipTTA(nn.Module):
-    """Horizontal-flip test-time augmentation: the mean of the class probabilities of each image and
-    its mirror, returned as log-probabilities (so ``argmax``, ``softmax`` and ``cross_entropy`` of the
-    output mean what they mean for logits). Twice the forward compute."""
+class ViewTTA(nn.Module):
+    """Test-time augmentation: the mean of the class probabilities over views of each image,
+    returned as log-probabilities (so ``argmax``, ``softmax`` and ``cross_entropy`` of the output
+    mean what they mean for logits).
 
-    def __init__(self, model: nn.Module):
+    The views are the image and, with ``flip``, its mirror, each at every translation by
+    ``(dx, dy)`` with ``|dx|, |dy| <= shift`` pixels: ``(1 + flip) * (2 * shift + 1) ** 2`` forward
+    passes. A translated view is a window of the image padded with ``fill`` (per channel, or one
+    value for all), the same windows the training's padded random crop
+    (``data.augment.random_crop_padding``) draws from when ``fill`` is the normalised value of a zero
+    pixel (:func:`zero_pixel_fill`).
+    """
+
+    def __init__(self, model: nn.Module, flip: bool = True, shift: int = 0, fill: float | Sequence[float] = 0.0):
         super().__init__()
-        self.model = model
+        if shift < 0:
+            raise ValueError(f"shift={shift} must be at least 0")
+        self.model, self.flip, self.shift = model, bool(flip), int(shift)
+        self.register_buffer("fill", torch.as_tensor(fill, dtype=torch.float32).reshape(1, -1, 1, 1), persistent=False)
+
+    def views(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The ``(B, C, H, W)`` views of ``x`` the output averages over, unflipped ones first."""
+        s = self.shift
+        for image in (x, x.flip(-1)) if self.flip else (x,):
+            if s == 0:
+                yield image
+                continue
+            h, w = image.shape[-2:]
+            padded = self.fill.to(image.dtype).expand(image.shape[0], image.shape[1], h + 2 * s, w + 2 * s).clone()
+            padded[..., s:s + h, s:s + w] = image
+            for dy in range(-s, s + 1):
+                for dx in range(-s, s + 1):  # the content moves by (dx, dy): a window at (s - dy, s - dx)
+                    yield padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.model(x).float().softmax(-1) + self.model(x.flip(-1)).float().softmax(-1)  # (B, C)
-        return (probs * 0.5).log()
+        total, count = None, 0
+        for view in self.views(x):
+            probs = self.model(view).float().softmax(-1)  # (B, C)
+            total = probs if total is None else total + probs
+            count += 1
+        return (total / count).log()
 
 
-def with_tta(model: nn.Module, tta: str) -> nn.Module:
-    """``model`` wrapped for the test-time augmentation ``tta`` (``none`` | ``hflip``)."""
+def zero_pixel_fill(mean: Sequence[float], std: Sequence[float]) -> list[float]:
+    """Per channel, what a zero (black) pixel becomes after normalisation: ``(0 - mean) / std``,
+    in float32 as the data pipeline computes it (so a padded border equals a normalised black pixel)."""
+    m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    return ((torch.zeros_like(m) - m) / s).tolist()
+
+
+def with_tta(model: nn.Module, tta: str, shift: int = 2, fill: float | Sequence[float] = 0.0) -> nn.Module:
+    """``model`` wrapped for the test-time augmentation ``tta``: ``none`` (``model`` itself),
+    ``hflip`` (image and mirror), ``shift`` (translations by up to ``shift`` pixels, padded with
+    ``fill``) or ``hflip+shift`` (both); see :class:`ViewTTA`."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"infer.tta={tta!r} is not a test-time augmentation; use one of {', '.join(TTA_MODES)}")
     if tta == "none":
         return model
-    if tta == "hflip":
-        return FlipTTA(model)
-    raise ValueError(f"infer.tta={tta!r} is not a test-time augmentation; use none or hflip")
+    shifted = tta.endswith("shift")
+    return ViewTTA(model, flip=tta.startswith("hflip"), shift=shift if shifted else 0, fill=fill)
 
 
 def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,11 +31,11 @@ from vit_model import from_pretrained
 from . import storage as st
 from . import tracking
 from .attention import ATTENTION_PNG, attention_png, fixed_sample, sample_split
-from .config import PipelineConfig
+from .config import PipelineConfig, tta_label
 from .data.shards import DatasetVersion, dataset_from_config
 from .data.stream import iter_local_batches
 from .engine import evaluate as evaluate_batches
-from .engine import with_tta
+from .engine import with_tta, zero_pixel_fill
 from .errors import UserError, first_line
 from .plots import plot_confusion
 
@@ -49,7 +49,7 @@ class EvalResult:
     dataset_version: str
     split: str
     metrics: dict[str, float]  # <split>_acc, <split>_acc5, <split>_loss, <split>_count
-    tta: str  # test-time augmentation the metrics were measured with (infer.tta)
+    tta: str  # test-time augmentation the metrics were measured with (engine.tta_label: none, hflip, hflip+shift2, ...)
     per_class_acc: dict[str, float | None]
     confusion: list[list[int]]
     mlflow_run_id: str | None
@@ -76,7 +76,8 @@ def eval_config(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
 def score(model: torch.nn.Module, version, split: str, cfg: PipelineConfig, batch_size: int = 256) -> dict[str, Any]:
     """engine.evaluate over a whole split read without Ray (every row, in order)."""
     batches = iter_local_batches(version, split, cfg, batch_size=batch_size, train=False)
-    net = with_tta(model, cfg.infer.tta)
+    aug = cfg.data.augment
+    net = with_tta(model, cfg.infer.tta, shift=cfg.infer.tta_shift, fill=zero_pixel_fill(aug.mean, aug.std))
     return evaluate_batches(net, batches, device=torch.device("cpu"), num_classes=version.num_classes)
 
 
@@ -112,7 +113,7 @@ def evaluate(cfg: PipelineConfig, *, model_uri: str | None = None, run_id: str |
     result_uri = st.join_uri(model_uri, f"evaluation-{split}.json")
     result = EvalResult(
         model_uri=model_uri, dataset_uri=version.uri, dataset_version=version.version, split=split, metrics=metrics,
-        tta=cfg.infer.tta,
+        tta=tta_label(cfg.infer.tta, cfg.infer.tta_shift),
         per_class_acc=dict(zip(version.classes, raw["per_class_acc"])), confusion=raw["confusion"],
         mlflow_run_id=train_run_id, result_uri=result_uri,
     )

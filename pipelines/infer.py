@@ -25,7 +25,7 @@ from typing import Any
 
 from . import storage as st
 from . import tracking
-from .config import PipelineConfig
+from .config import PipelineConfig, tta_label
 from .errors import ConfigError, InferError, first_line, redact_uri, user_error_behind
 from .inference.actors import EXPLAIN_FOLDER, build_dataset, check_resources, output_schema
 from .inference.inputs import InferInput, resolve_input
@@ -227,7 +227,8 @@ def _manifest(cfg: PipelineConfig, result: InferResult, model: ResolvedModel, in
         "top_k": min(cfg.infer.top_k, model.num_classes),
         "settings": {"batch_size": cfg.infer.batch_size, "num_actors": cfg.infer.num_actors,
                      "cpus_per_actor": cfg.infer.cpus_per_actor, "use_gpu": cfg.infer.use_gpu,
-                     "explain": cfg.infer.explain, "tta": cfg.infer.tta},
+                     "explain": cfg.infer.explain,
+                     "tta": tta_label(cfg.infer.tta, cfg.infer.tta_shift)},
         "seconds": result.seconds,
         "images_per_s": result.images_per_s,
         "timings": result.timings,

@@ -165,7 +165,7 @@ def step_key(step: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> str:
                             "shuffle": d["data"]["shuffle"]}
         sections["search"] = d["workflow"]["search"]
     if step == "evaluate":  # the metrics depend on the test-time augmentation
-        sections["tta"] = d["infer"]["tta"]
+        sections["tta"] = [d["infer"]["tta"], d["infer"]["tta_shift"]]
     doc = {"step": step, "config": sections, "inputs": {u: upstream[u] for u in UPSTREAM[step]},
            "code": code_digest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

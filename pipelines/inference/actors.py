@@ -219,7 +219,7 @@ class BatchPredictor:
     """
 
     def __init__(self, model: ResolvedModel, package: Any, top_k: int, use_gpu: bool = False, threads: int = 1,
-                 explain_uri: str | None = None, storage: StorageConfig | None = None, tta: str = "none",
+                 explain_uri: str | None = None, storage: StorageConfig | None = None, tta: str = "none", tta_shift: int = 2,
                  loader: Callable[..., dict[str, np.ndarray]] | None = None, loader_kwargs: Mapping[str, Any] | None = None):
         import ray  # here: the actor's process pays for these imports, not the driver's CLI
         import torch
@@ -234,13 +234,14 @@ class BatchPredictor:
         self.top_k = max(1, min(int(top_k), model.num_classes))
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.net = to_preferred_memory_format(net.eval().to(self.device))
-        self.scorer = with_tta(self.net, tta)  # the model, or its mean over the image and its mirror
-        self.tta = tta
         self.class_names = list(model.class_names)
         c = model.channels
         # (C, 1, 1), built like pipelines.data.stream's normalisation so the floats are identical
         self.mean = torch.tensor(model.mean, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
         self.std = torch.tensor(model.std, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
+        # the model, or its mean probabilities over views (mirror, translations padded with black)
+        self.scorer = with_tta(self.net, tta, shift=tta_shift, fill=(-self.mean / self.std).flatten().tolist())
+        self.tta = tta
         self.explain_uri = explain_uri
         self.storage = storage
         self.schema = output_schema(explain_uri is not None)
@@ -339,7 +340,7 @@ def build_dataset(cfg: PipelineConfig, inputs: InferInput, model: ResolvedModel,
         BatchPredictor,
         fn_constructor_kwargs={"model": model, "package": package, "top_k": ic.top_k, "use_gpu": ic.use_gpu,
                                "threads": threads, "explain_uri": explain_uri, "storage": cfg.storage,
-                               "tta": ic.tta, "loader": loader, "loader_kwargs": {"spec": spec, **loader_kwargs}},
+                               "tta": ic.tta, "tta_shift": ic.tta_shift, "loader": loader, "loader_kwargs": {"spec": spec, **loader_kwargs}},
         compute=ray.data.ActorPoolStrategy(size=ic.num_actors),
         batch_size=items_per_call, batch_format="numpy", num_cpus=ic.cpus_per_actor,
         num_gpus=1 if ic.use_gpu else None, udf_modifying_row_count=True,
