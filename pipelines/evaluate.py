@@ -49,7 +49,7 @@ class EvalResult:
     dataset_version: str
     split: str
     metrics: dict[str, float]  # <split>_acc, <split>_acc5, <split>_loss, <split>_count
-    tta: str  # test-time augmentation the metrics were measured with (engine.tta_label: none, hflip, hflip+shift2, ...)
+    tta: str  # test-time augmentation the metrics were measured with (config.tta_label: none, hflip, hflip+shift2, ...)
     per_class_acc: dict[str, float | None]
     confusion: list[list[int]]
     mlflow_run_id: str | None

@@ -28,7 +28,7 @@ from vit_model import arch_from_dict, build_model, explain, to_preferred_memory_
 from .. import storage as st
 from ..config import AugmentConfig, PipelineConfig, StorageConfig
 from ..data.stream import StreamSpec, build_transform, decode_chw
-from ..engine import with_tta
+from ..engine import with_tta, zero_pixel_fill
 from ..errors import ConfigError, DataError, first_line
 from ..imaging import InvalidImage, decode
 from ..plots import overlay_png
@@ -240,7 +240,7 @@ class BatchPredictor:
         self.mean = torch.tensor(model.mean, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
         self.std = torch.tensor(model.std, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(self.device)
         # the model, or its mean probabilities over views (mirror, translations padded with black)
-        self.scorer = with_tta(self.net, tta, shift=tta_shift, fill=(-self.mean / self.std).flatten().tolist())
+        self.scorer = with_tta(self.net, tta, shift=tta_shift, fill=zero_pixel_fill(model.mean, model.std))
         self.tta = tta
         self.explain_uri = explain_uri
         self.storage = storage
